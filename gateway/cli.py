@@ -1,0 +1,98 @@
+"""The `gateway` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings, load_config
+
+
+def _settings(config_path: str | None = None) -> Settings:
+    """Settings from the environment; a bad config ends the process with file, field and reason."""
+    try:
+        return Settings.from_env(config_path)
+    except ConfigError as exc:
+        click.echo(f"gateway: invalid config: {exc}", err=True)
+        sys.exit(2)
+
+
+def _logging() -> None:
+    level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+def main() -> None:
+    """Self-hosted webhook gateway: accept helpdesk webhooks, keep them in Redis, deliver with retries."""
+
+
+@main.command("check-config")
+@click.argument("path", required=False)
+def check_config(path: str | None) -> None:
+    """Validate a config file (default: $GATEWAY_CONFIG or config/gateway.toml)."""
+    path = path or os.environ.get("GATEWAY_CONFIG") or "config/gateway.toml"
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        click.echo(f"gateway: invalid config: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{path}: ok, {len(config.integrations)} integration(s)")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+def serve(host: str, port: int) -> None:
+    """Run the API process: ingress, health."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    _logging()
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Stop once the queue is empty (for scripts and tests).")
+def worker(burst: bool) -> None:
+    """Run one delivery worker process."""
+    import uvloop
+
+    from gateway.worker import run_worker
+
+    _logging()
+    settings = _settings()
+    uvloop.run(run_worker(settings, burst=burst))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--echo-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the demo echo endpoint.")
+def dev(host: str, port: int, echo_port: int) -> None:
+    """Everything on one machine: Redis (embedded unless REDIS_URL is set), the API, one worker
+    and the demo echo endpoint."""
+    from gateway.dev import run_dev
+
+    _logging()
+    _settings()  # refuse to start on a bad config before anything is spawned
+    sys.exit(run_dev(host, port, echo_port))

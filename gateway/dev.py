@@ -1,0 +1,121 @@
+"""`gateway dev`: Redis, the API, one worker and a demo echo endpoint, from one command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from gateway.app import create_app
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.dev")
+VAR_DIR = Path("var")
+
+
+def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server on a unix socket under var/, persisting to an append-only file there."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit(
+            "gateway dev: no redis-server found; install it (apt-get install redis-server) or set REDIS_URL"
+        )
+    var_dir = var_dir.resolve()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    sock = var_dir / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--dir", str(var_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+         "--logfile", str(var_dir / "redis.log")],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"unix://{sock}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except (redis.RedisError, OSError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"gateway dev: redis-server did not start; see {var_dir / 'redis.log'}") from None
+            time.sleep(0.05)
+    client.close()
+    return process, url
+
+
+def echo_app() -> Starlette:
+    """The demo integration's target: logs what the gateway delivers and answers 200."""
+
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        log.info(
+            "demo endpoint received %s %s webhook-id=%s body=%s",
+            request.method,
+            request.url.path,
+            request.headers.get("webhook-id"),
+            body[:200].decode("utf-8", "replace"),
+        )
+        return JSONResponse({"received": True, "webhook_id": request.headers.get("webhook-id")})
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    return Starlette(routes=[Route("/echo", echo, methods=methods), Route("/echo/{rest:path}", echo, methods=methods)])
+
+
+async def _serve(settings: Settings, host: str, port: int, echo_port: int) -> None:
+    api = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, access_log=False,
+                                        log_level="warning"))
+    echo = uvicorn.Server(uvicorn.Config(echo_app(), host="127.0.0.1", port=echo_port, access_log=False,
+                                         log_level="warning"))
+    await asyncio.gather(api.serve(), echo.serve())
+
+
+def run_dev(host: str, port: int, echo_port: int) -> int:
+    children: list[subprocess.Popen[bytes]] = []
+    env = dict(os.environ)
+    if not env.get("REDIS_URL"):
+        redis_process, env["REDIS_URL"] = start_embedded_redis(VAR_DIR)
+        children.append(redis_process)
+        log.info("embedded Redis at %s (append-only file in %s)", env["REDIS_URL"], VAR_DIR.resolve())
+    settings = Settings.from_env(env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], env=env)
+    children.insert(0, worker)
+    demo = next((i.name for i in settings.config.integrations), None)
+    print(
+        f"\n  gateway API   http://{host}:{port}   (health: /healthz, /readyz)\n"
+        f"  demo endpoint http://127.0.0.1:{echo_port}/echo\n"
+        + (
+            f"  try: curl -i -X POST http://{host}:{port}/hooks/{demo} "
+            "-H 'content-type: application/json' -d '{\"ticket\": 1}'\n"
+            if demo
+            else ""
+        ),
+        flush=True,
+    )
+    try:
+        asyncio.run(_serve(settings, host, port, echo_port))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0

@@ -1,0 +1,61 @@
+"""The gateway's exceptions.
+
+GatewayError
+ ├── ConfigError            a config file or the environment is wrong; the process refuses to start
+ ├── StoreUnavailable       Redis did not answer in time; ingress answers 503
+ └── HTTPError              turned into a JSON error answer by the app's one exception handler
+      ├── NotFound          404, e.g. an unknown integration
+      ├── Unauthorized      401, a missing or wrong inbound token
+      ├── PayloadTooLarge   413, a body over `max_body_bytes`
+      └── ServiceUnavailable 503, Redis unreachable
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A config file or the environment is invalid: names the file, the field and the reason."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        self.source = source
+        self.field = field
+        self.reason = reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")
+
+
+class StoreUnavailable(GatewayError):
+    """Redis could not be reached, or did not answer within the store's deadline."""
+
+
+class HTTPError(GatewayError):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+class NotFound(HTTPError):
+    status_code = 404
+    code = "not_found"
+
+
+class Unauthorized(HTTPError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class PayloadTooLarge(HTTPError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(HTTPError):
+    status_code = 503
+    code = "unavailable"

@@ -1,0 +1,70 @@
+"""Events: their states, ids, and the request each one carries."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NotRequired, TypedDict
+
+import orjson
+
+
+class EventState(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    RETRYING = "retrying"
+    HELD = "held"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+TERMINAL = frozenset({EventState.DELIVERED, EventState.DEAD})
+DUE = frozenset({EventState.PENDING, EventState.RETRYING})
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_event_id(at_ms: int | None = None) -> str:
+    """26 characters, lower-case base32hex: sortable by creation time, 80 random bits."""
+    ms = now_ms() if at_ms is None else at_ms
+    raw = ms.to_bytes(6, "big") + os.urandom(10)
+    return base64.b32hexencode(raw).decode("ascii").rstrip("=").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """The helpdesk's request as it will be sent upstream (before configured headers are added)."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def pack(self) -> bytes:
+        # JSON never contains a raw newline, so the first one separates the head from the body.
+        head = orjson.dumps({"m": self.method, "u": self.url, "h": self.headers})
+        return head + b"\n" + self.body
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> StoredRequest:
+        head, _, body = blob.partition(b"\n")
+        meta = orjson.loads(head)
+        return cls(meta["m"], meta["u"], [(k, v) for k, v in meta["h"]], body)
+
+
+class AttemptRecord(TypedDict):
+    """One delivery attempt, as kept in the event's attempt log."""
+
+    n: int
+    at_ms: int
+    latency_ms: float
+    status: int | None
+    error: str | None
+    outcome: str
+    body: str
+    retry_in_s: NotRequired[float]

@@ -1,0 +1,192 @@
+"""Every Redis key name and every Lua script of the gateway.
+
+Layout under a prefix P (default "gw"):
+
+    P:ev:{id}              hash   s=state n=attempt number (current or next) i=integration
+                                  t=received ms d=due ms (or when it ended)
+    P:rq:{id}              string the request: JSON head (method, url, headers) + "\\n" + body bytes
+    P:at:{id}              list   one JSON record per finished attempt
+    P:due                  zset   id -> due ms, for pending and retrying events (the schedule)
+    P:lease                zset   id -> lease expiry ms, for in-flight events
+    P:st:{integration}:{state}  zset  id -> received ms: the state index the admin API reads
+    P:idem:{integration}:{key}  string  first event id seen with that idempotency key
+    P:queue                the arq queue; its jobs are `arq:job:{id}:{n}` and carry (id, n,
+                           integration) only
+
+An arq job is only a wake-up call for attempt n of an event: every state change is one of the
+scripts below, and each checks the event's state and attempt number first (a fencing token), so a
+stale, repeated or late job changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def event(self, event_id: str) -> str:
+        return f"{self.prefix}:ev:{event_id}"
+
+    def request(self, event_id: str) -> str:
+        return f"{self.prefix}:rq:{event_id}"
+
+    def attempts(self, event_id: str) -> str:
+        return f"{self.prefix}:at:{event_id}"
+
+    @property
+    def due(self) -> str:
+        return f"{self.prefix}:due"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:lease"
+
+    def state_index(self, integration: str, state: str) -> str:
+        return f"{self.prefix}:st:{integration}:{state}"
+
+    def idempotency(self, integration: str, key: str) -> str:
+        return f"{self.prefix}:idem:{integration}:{key}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @staticmethod
+    def job_id(event_id: str, attempt: int) -> str:
+        return f"{event_id}:{attempt}"
+
+    @staticmethod
+    def arq_job(job_id: str) -> str:
+        return job_key_prefix + job_id
+
+
+# Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
+_PRELUDE = f"""
+local P = ARGV[1]
+local function ev(id) return P .. ':ev:' .. id end
+local function rq(id) return P .. ':rq:' .. id end
+local function at(id) return P .. ':at:' .. id end
+local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
+local function job(jid) return '{job_key_prefix}' .. jid end
+local RETRY_PREFIX = '{retry_key_prefix}'
+local PROGRESS_PREFIX = '{in_progress_key_prefix}'
+"""
+
+# ARGV: prefix, queue, now, job expiry ms, idempotency ttl ms, count,
+#       then per event: id, integration, idempotency key or "", request blob, arq job bytes.
+# Returns per event: the id and 0 (new) or the first id and 1 (a repeat).
+ACCEPT = _PRELUDE + """
+local queue, now, job_px, idem_px, count = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local out = {}
+for k = 0, count - 1 do
+  local b = 7 + k * 5
+  local id, integ, idem = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local first = false
+  if idem ~= '' then
+    local ik = P .. ':idem:' .. integ .. ':' .. idem
+    first = redis.call('GET', ik)
+    if not first then redis.call('SET', ik, id, 'PX', idem_px) end
+  end
+  if first then
+    out[#out + 1] = first
+    out[#out + 1] = 1
+  else
+    redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
+    redis.call('SET', rq(id), ARGV[b + 3])
+    redis.call('ZADD', P .. ':due', now, id)
+    redis.call('ZADD', st(integ, 'pending'), now, id)
+    local jid = id .. ':1'
+    redis.call('SET', job(jid), ARGV[b + 4], 'PX', job_px)
+    redis.call('ZADD', queue, now, jid)
+    out[#out + 1] = id
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# ARGV: prefix, id, n, now, lease ms. Moves a due event to in_flight when attempt n is the
+# current one; returns {integration, received ms, request blob}, or nil for a stale job.
+CLAIM = _PRELUDE + """
+local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
+local s = f[1]
+if (s ~= 'pending' and s ~= 'retrying') or f[2] ~= n then return false end
+redis.call('HSET', ev(id), 's', 'in_flight')
+redis.call('ZREM', P .. ':due', id)
+redis.call('ZADD', P .. ':lease', now + lease, id)
+redis.call('ZREM', st(f[3], s), id)
+redis.call('ZADD', st(f[3], 'in_flight'), f[4], id)
+return {f[3], f[4], redis.call('GET', rq(id))}
+"""
+
+# ARGV: prefix, queue, id, n, now, outcome (delivered|dead|retrying), attempt record,
+#       due ms, arq job bytes, job expiry ms, retention ms of a terminal event,
+#       "1" when only an expired lease may be finished (the reconciler).
+# Returns 1, or 0 when attempt n is no longer the one in flight (nothing is changed).
+FINISH = _PRELUDE + """
+local queue, id, n, now, outcome = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
+if f[1] ~= 'in_flight' or f[2] ~= n then return 0 end
+if ARGV[12] == '1' then
+  local lease = redis.call('ZSCORE', P .. ':lease', id)
+  if lease and tonumber(lease) > now then return 0 end
+end
+redis.call('RPUSH', at(id), ARGV[7])
+redis.call('ZREM', P .. ':lease', id)
+redis.call('ZREM', st(f[3], 'in_flight'), id)
+redis.call('ZADD', st(f[3], outcome), f[4], id)
+if outcome == 'retrying' then
+  local due = ARGV[8]
+  local nn = tostring(tonumber(n) + 1)
+  redis.call('HSET', ev(id), 's', 'retrying', 'n', nn, 'd', due)
+  redis.call('ZADD', P .. ':due', due, id)
+  local jid = id .. ':' .. nn
+  redis.call('SET', job(jid), ARGV[9], 'PX', ARGV[10])
+  redis.call('ZADD', queue, due, jid)
+else
+  redis.call('HSET', ev(id), 's', outcome, 'd', now)
+  local ttl = ARGV[11]
+  redis.call('PEXPIRE', ev(id), ttl)
+  redis.call('PEXPIRE', rq(id), ttl)
+  redis.call('PEXPIRE', at(id), ttl)
+end
+return 1
+"""
+
+# ARGV: prefix, cutoff ms, limit. Due events (scheduled before cutoff) whose arq job is gone:
+# returns a flat list of id, n, due, integration.
+ORPHANS = _PRELUDE + """
+local ids = redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+local out = {}
+for k = 1, #ids, 2 do
+  local id = ids[k]
+  local f = redis.call('HMGET', ev(id), 'n', 'i')
+  if f[1] and redis.call('EXISTS', job(id .. ':' .. f[1])) == 0 then
+    out[#out + 1] = id
+    out[#out + 1] = f[1]
+    out[#out + 1] = ids[k + 1]
+    out[#out + 1] = f[2]
+  end
+end
+return out
+"""
+
+# ARGV: prefix, queue, id, n, due, arq job bytes, job expiry ms. Re-creates the arq job of a due
+# event when it is still missing; returns 1 when it did.
+REENQUEUE = _PRELUDE + """
+local queue, id, n = ARGV[2], ARGV[3], ARGV[4]
+local f = redis.call('HMGET', ev(id), 's', 'n')
+if (f[1] ~= 'pending' and f[1] ~= 'retrying') or f[2] ~= n then return 0 end
+local jid = id .. ':' .. n
+if redis.call('EXISTS', job(jid)) == 1 or redis.call('EXISTS', PROGRESS_PREFIX .. jid) == 1 then return 0 end
+redis.call('DEL', RETRY_PREFIX .. jid)
+redis.call('SET', job(jid), ARGV[6], 'PX', ARGV[7])
+redis.call('ZADD', queue, ARGV[5], jid)
+return 1
+"""

@@ -1,0 +1,225 @@
+"""Settings: the process environment plus one TOML config file, read and validated once.
+
+The config is validated by pydantic; any error is raised as a `ConfigError` that names the file,
+the field and the reason. `${NAME}` inside a string value is replaced by the environment variable
+NAME; a variable that is not set is an error, so a secret never silently becomes empty.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "config/gateway.toml"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(_Model):
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 12
+    backoff_base_s: Annotated[float, Field(gt=0, le=86400)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 3600.0
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> RetryPolicy:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must not be smaller than backoff_base_s")
+        return self
+
+
+class Integration(_Model):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    target: AnyHttpUrl
+    mode: Literal["relay", "proxy"] = "relay"
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    failure_threshold: Annotated[int, Field(ge=1)] = 100
+    inbound_token: SecretStr | None = None
+    signing_secrets: list[SecretStr] = []
+    headers: dict[str, SecretStr] = {}
+    retry: RetryPolicy = RetryPolicy()
+
+    @field_validator("mode")
+    @classmethod
+    def _relay_only(cls, mode: str) -> str:
+        if mode == "proxy":
+            raise ValueError("proxy mode is not available in this version; use mode = \"relay\"")
+        return mode
+
+    @field_validator("signing_secrets")
+    @classmethod
+    def _whsec(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+        from gateway.signing import decode_secret
+
+        for secret in secrets:
+            decode_secret(secret.get_secret_value())
+        return secrets
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name in headers:
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return headers
+
+    def upstream_url(self, rest: str, query: str) -> str:
+        """`target` + `/{rest}` + `?{query}`, as the contract promises."""
+        url = str(self.target)
+        if rest:
+            url = url.rstrip("/") + "/" + rest
+        return f"{url}?{query}" if query else url
+
+
+class Alert(_Model):
+    kind: Literal["webhook", "slack"] = "webhook"
+    url: AnyHttpUrl
+
+
+class GatewaySection(_Model):
+    max_body_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    idempotency_ttl_s: Annotated[int, Field(ge=1)] = 86400
+    store_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+
+
+class WorkerSection(_Model):
+    concurrency: Annotated[int, Field(ge=1, le=10000)] = 100
+    poll_delay_s: Annotated[float, Field(gt=0, le=5)] = 0.02
+    lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    reconcile_interval_s: Annotated[float, Field(gt=0, le=600)] = 1.0
+
+
+class RetentionSection(_Model):
+    delivered_days: Annotated[float, Field(gt=0)] = 7
+    dead_days: Annotated[float, Field(gt=0)] = 30
+
+
+class Config(_Model):
+    gateway: GatewaySection = GatewaySection()
+    worker: WorkerSection = WorkerSection()
+    retention: RetentionSection = RetentionSection()
+    alerts: list[Alert] = []
+    integrations: list[Integration] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for integration in self.integrations:
+            if integration.name in seen:
+                raise ValueError(f"integration name {integration.name!r} is used twice")
+            seen.add(integration.name)
+        return self
+
+    def integration(self, name: str) -> Integration | None:
+        return self._by_name.get(name)
+
+    @property
+    def _by_name(self) -> dict[str, Integration]:
+        cached: dict[str, Integration] | None = self.__dict__.get("_by_name_cache")
+        if cached is None:
+            cached = {i.name: i for i in self.integrations}
+            self.__dict__["_by_name_cache"] = cached
+        return cached
+
+    @property
+    def longest_timeout_s(self) -> float:
+        return max((i.timeout_s for i in self.integrations), default=10.0)
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str], source: str) -> Any:
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(source, path, f"environment variable {name} is not set")
+            return env[name]
+
+        return _VAR.sub(lookup, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else k, env, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env, source) for i, v in enumerate(value)]
+    return value
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    expanded = _expand(raw, "", env, source)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        reason = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(source, _field_path(first["loc"]), reason) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "", f"cannot be read: {exc}") from None
+    return parse_config(text, source, os.environ if env is None else env)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs, read once at start and passed explicitly."""
+
+    config: Config
+    config_path: str
+    redis_url: str
+    key_prefix: str
+
+    @classmethod
+    def from_env(cls, config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        path = config_path or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
+        redis_url = env.get("REDIS_URL") or DEFAULT_REDIS_URL
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("REDIS_URL", "", "must start with redis://, rediss:// or unix://")
+        prefix = env.get("GATEWAY_KEY_PREFIX") or "gw"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", prefix):
+            raise ConfigError("GATEWAY_KEY_PREFIX", "", "use 1-32 letters, digits, '_', '.' or '-'")
+        return cls(load_config(path, env), path, redis_url, prefix)

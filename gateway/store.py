@@ -1,0 +1,230 @@
+"""The event store: every read and write of event state in Redis goes through here.
+
+Each state change is one Lua script from `gateway.keys`, so it is atomic, and each hot path is a
+fixed number of round trips: ingress writes a whole batch of concurrent requests in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from arq.constants import expires_extra_ms
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.errors import StoreUnavailable
+from gateway.events import AttemptRecord, EventState, now_ms
+
+DELIVER_JOB = "deliver"
+
+
+def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> Redis:
+    """One pool per process; short socket timeouts so an unreachable Redis fails fast."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=min(timeout_s, 1.0),
+        socket_timeout=timeout_s,
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+
+
+def job_payload(event_id: str, attempt: int, integration: str, enqueued_ms: int) -> bytes:
+    """The arq job for one attempt: names only, never the payload (arq's job key expires)."""
+    return serialize_job(
+        DELIVER_JOB, (event_id, attempt, integration), {}, None, enqueued_ms, serializer=orjson.dumps
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    event_id: str
+    integration: str
+    idempotency_key: str
+    request_blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    integration: str
+    received_ms: int
+    request_blob: bytes
+
+
+class Store:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.keys = keys.Keys(prefix)
+        self._accept = redis.register_script(keys.ACCEPT)
+        self._claim = redis.register_script(keys.CLAIM)
+        self._finish = redis.register_script(keys.FINISH)
+        self._orphans = redis.register_script(keys.ORPHANS)
+        self._reenqueue = redis.register_script(keys.REENQUEUE)
+
+    async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
+        """Persist events and their first delivery job; returns (id, is_repeat) for each."""
+        now = now_ms()
+        args: list[Any] = [
+            self.keys.prefix,
+            self.keys.queue,
+            now,
+            expires_extra_ms,
+            idempotency_ttl_s * 1000,
+            len(events),
+        ]
+        for e in events:
+            job = job_payload(e.event_id, 1, e.integration, now)
+            args += (e.event_id, e.integration, e.idempotency_key, e.request_blob, job)
+        flat = await self._accept(args=args)
+        return [(flat[i].decode(), flat[i + 1] == 1) for i in range(0, len(flat), 2)]
+
+    async def claim(self, event_id: str, attempt: int, lease_ms: int) -> Claimed | None:
+        got = await self._claim(args=[self.keys.prefix, event_id, attempt, now_ms(), lease_ms])
+        if not got:
+            return None
+        integration, received, blob = got
+        return Claimed(integration.decode(), int(received), blob)
+
+    async def finish(
+        self,
+        event_id: str,
+        attempt: int,
+        integration: str,
+        outcome: EventState,
+        record: AttemptRecord,
+        *,
+        due_ms: int = 0,
+        keep_ms: int = 0,
+        only_if_lease_expired: bool = False,
+    ) -> bool:
+        now = now_ms()
+        job = job_payload(event_id, attempt + 1, integration, now) if outcome is EventState.RETRYING else b""
+        done = await self._finish(
+            args=[
+                self.keys.prefix,
+                self.keys.queue,
+                event_id,
+                attempt,
+                now,
+                outcome.value,
+                orjson.dumps(record),
+                due_ms,
+                job,
+                max(due_ms - now, 0) + expires_extra_ms,
+                max(keep_ms, 1),
+                "1" if only_if_lease_expired else "0",
+            ]
+        )
+        return bool(done)
+
+    async def expired_leases(self, limit: int = 100) -> list[str]:
+        ids = await self.redis.zrangebyscore(self.keys.lease, "-inf", now_ms(), start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    async def orphans(self, older_than_ms: int, limit: int = 100) -> list[tuple[str, int, int, str]]:
+        """Due events whose arq job is gone: (id, attempt, due ms, integration)."""
+        flat = await self._orphans(args=[self.keys.prefix, now_ms() - older_than_ms, limit])
+        return [
+            (flat[i].decode(), int(flat[i + 1]), int(float(flat[i + 2])), flat[i + 3].decode())
+            for i in range(0, len(flat), 4)
+        ]
+
+    async def meta(self, event_id: str) -> tuple[str, int, str, int] | None:
+        """(state, attempt, integration, received ms) of an event, or None."""
+        s, n, i, t = await self.redis.hmget(self.keys.event(event_id), ["s", "n", "i", "t"])
+        if s is None:
+            return None
+        return s.decode(), int(n), i.decode(), int(t)
+
+    async def reenqueue(self, event_id: str, attempt: int, integration: str, due_ms: int) -> bool:
+        now = now_ms()
+        done = await self._reenqueue(
+            args=[
+                self.keys.prefix,
+                self.keys.queue,
+                event_id,
+                attempt,
+                due_ms,
+                job_payload(event_id, attempt, integration, now),
+                max(due_ms - now, 0) + expires_extra_ms,
+            ]
+        )
+        return bool(done)
+
+    async def event(self, event_id: str) -> dict[str, Any] | None:
+        """The event's record and its attempts, or None when it does not exist."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.event(event_id))
+            pipe.lrange(self.keys.attempts(event_id), 0, -1)
+            fields, attempts = await pipe.execute()
+        if not fields:
+            return None
+        return {
+            "id": event_id,
+            "state": fields[b"s"].decode(),
+            "integration": fields[b"i"].decode(),
+            "attempt": int(fields[b"n"]),
+            "received_ms": int(fields[b"t"]),
+            "due_ms": int(fields[b"d"]),
+            "attempts": [orjson.loads(a) for a in attempts],
+        }
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+
+class IngestBatcher:
+    """Writes the events of concurrent requests in one script call.
+
+    While one call is under way, new events gather; the next call takes all of them. Under load a
+    batch holds about as many events as there are requests in flight, at one round trip each; an idle
+    gateway still writes each event at once. A call that fails or takes longer than `timeout_s`
+    fails every request of its batch with StoreUnavailable, so no request hangs and none is
+    acknowledged without being written.
+    """
+
+    def __init__(self, store: Store, idempotency_ttl_s: int, timeout_s: float, max_batch: int = 512) -> None:
+        self._store = store
+        self._ttl_s = idempotency_ttl_s
+        self._timeout_s = timeout_s
+        self._max_batch = max_batch
+        self._waiting: list[tuple[NewEvent, asyncio.Future[tuple[str, bool]]]] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, event: NewEvent) -> tuple[str, bool]:
+        future: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, future))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        results = await self._store.accept([e for e, _ in batch], self._ttl_s)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    error = StoreUnavailable(f"Redis did not accept the event: {type(exc).__name__}")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._running = False

@@ -1,0 +1,249 @@
+"""The delivery worker: arq runs one job per attempt; our own keys say what the attempt is for.
+
+A job carries (event id, attempt number, integration). `Deliverer.deliver` claims the attempt
+(a fenced, atomic move to in_flight with a lease a few seconds longer than the HTTP deadline),
+sends it, and records the outcome in one atomic step that also schedules the next attempt.
+`Reconciler` runs in every worker: it takes back attempts whose lease expired (their worker died)
+and re-creates arq jobs that are missing (expired, or lost with a failing job), so an event's fate
+never depends on arq's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from arq.connections import RedisSettings, create_pool
+from arq.worker import Worker, func
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway import signing
+from gateway.delivery import AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
+from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
+from gateway.settings import Integration, RetryPolicy, Settings
+from gateway.store import DELIVER_JOB, Store
+
+log = logging.getLogger("gateway.worker")
+
+VERDICT_STATE = {
+    Verdict.DELIVERED: EventState.DELIVERED,
+    Verdict.RETRY: EventState.RETRYING,
+    Verdict.DEAD: EventState.DEAD,
+}
+DAY_MS = 86_400_000
+ORPHAN_GRACE_MS = 2000
+
+
+def upstream_headers(
+    kept: list[tuple[str, str]], integration: Integration, event_id: str, body: bytes
+) -> list[tuple[str, str]]:
+    """The helpdesk's headers, the configured ones over them, then the Standard Webhooks ones."""
+    configured = {name.lower(): value.get_secret_value() for name, value in integration.headers.items()}
+    headers = [(k, v) for k, v in kept if k.lower() not in configured]
+    headers += [(name, value) for name, value in configured.items()]
+    timestamp = int(time.time())
+    headers += [("webhook-id", event_id), ("webhook-timestamp", str(timestamp))]
+    if integration.signing_secrets:
+        keys = [signing.decode_secret(s.get_secret_value()) for s in integration.signing_secrets]
+        headers.append(("webhook-signature", signing.sign(keys, event_id, timestamp, body)))
+    return headers
+
+
+class Deliverer:
+    def __init__(self, settings: Settings, store: Store, sender: Sender) -> None:
+        self._config = settings.config
+        self._store = store
+        self._sender = sender
+        self._margin_ms = int(settings.config.worker.lease_margin_s * 1000)
+        retention = settings.config.retention
+        self._keep_ms = {
+            EventState.DELIVERED: int(retention.delivered_days * DAY_MS),
+            EventState.DEAD: int(retention.dead_days * DAY_MS),
+        }
+
+    def lease_ms(self, integration: Integration | None) -> int:
+        timeout_s = integration.timeout_s if integration else self._config.longest_timeout_s
+        return int(timeout_s * 1000) + self._margin_ms
+
+    async def deliver(self, ctx: dict[str, Any], event_id: str, attempt: int, name: str) -> str:
+        integration = self._config.integration(name)
+        claimed = await self._store.claim(event_id, attempt, self.lease_ms(integration))
+        if claimed is None:
+            return "stale"
+        request = StoredRequest.unpack(claimed.request_blob)
+        started_ms = now_ms()
+        if integration is None:
+            result = Result(None, ErrorKind.UNKNOWN_INTEGRATION, f"no integration {name!r} in the config", 0.0)
+            policy = RetryPolicy()
+        else:
+            headers = upstream_headers(request.headers, integration, event_id, request.body)
+            result = await self._sender.send(
+                request.method, request.url, headers, request.body, integration.timeout_s
+            )
+            policy = integration.retry
+        verdict, wait_s = decide(result, policy, attempt, (now_ms() - claimed.received_ms) / 1000)
+        await self.record(event_id, attempt, claimed.integration, result, verdict, wait_s, started_ms)
+        return verdict.value
+
+    async def record(
+        self,
+        event_id: str,
+        attempt: int,
+        integration: str,
+        result: Result,
+        verdict: Verdict,
+        wait_s: float,
+        started_ms: int,
+        *,
+        only_if_lease_expired: bool = False,
+    ) -> bool:
+        state = VERDICT_STATE[verdict]
+        record = AttemptRecord(
+            n=attempt,
+            at_ms=started_ms,
+            latency_ms=result.latency_ms,
+            status=result.status,
+            error=result.error.value if result.error else None,
+            detail=result.detail,
+            outcome=state.value,
+            body=result.body.decode("utf-8", "replace"),
+        )
+        if verdict is Verdict.RETRY:
+            record["retry_in_s"] = round(wait_s, 3)
+        done = await self._store.finish(
+            event_id,
+            attempt,
+            integration,
+            state,
+            record,
+            due_ms=now_ms() + int(wait_s * 1000),
+            keep_ms=self._keep_ms.get(state, 0),
+            only_if_lease_expired=only_if_lease_expired,
+        )
+        log.info(
+            "event %s attempt %d (%s): %s -> %s",
+            event_id,
+            attempt,
+            integration,
+            result.status if result.status is not None else result.error,
+            state.value if done else "ignored (no longer in flight)",
+        )
+        return done
+
+
+class Reconciler:
+    """Takes back attempts of dead workers and re-creates missing jobs, in every worker process."""
+
+    def __init__(self, settings: Settings, store: Store, deliverer: Deliverer) -> None:
+        self._config = settings.config
+        self._store = store
+        self._deliverer = deliverer
+        self._interval_s = settings.config.worker.reconcile_interval_s
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except (RedisError, OSError) as exc:
+                log.warning("reconciler: Redis unavailable (%s); trying again", exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def run_once(self) -> int:
+        fixed = 0
+        for event_id in await self._store.expired_leases():
+            meta = await self._store.meta(event_id)
+            if meta is None or meta[0] != EventState.IN_FLIGHT:
+                continue
+            _, attempt, name, received_ms = meta
+            integration = self._config.integration(name)
+            result = Result(None, ErrorKind.LEASE_EXPIRED, "the worker sending this attempt stopped", 0.0)
+            policy = integration.retry if integration else None
+            if policy is not None and attempt >= policy.max_attempts:
+                verdict = Verdict.DEAD
+            else:
+                verdict = Verdict.RETRY
+            if await self._deliverer.record(
+                event_id, attempt, name, result, verdict, 0.0, now_ms(), only_if_lease_expired=True
+            ):
+                fixed += 1
+        for event_id, attempt, due_ms, name in await self._store.orphans(ORPHAN_GRACE_MS):
+            if await self._store.reenqueue(event_id, attempt, name, max(due_ms, now_ms())):
+                log.info("event %s attempt %d: its job was missing and is scheduled again", event_id, attempt)
+                fixed += 1
+        return fixed
+
+
+def arq_redis_settings(url: str) -> RedisSettings:
+    """Reconnect and retry on a lost connection instead of letting a Redis blip end the worker."""
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_timeout = 1
+    settings.conn_retries = 3
+    settings.conn_retry_delay = 1
+    settings.retry_on_timeout = True
+    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+    settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)
+    return settings
+
+
+def job_timeout_s(settings: Settings) -> float:
+    """Above every integration's HTTP deadline plus the store's round trips; arq's lock is this + 10 s."""
+    return settings.config.longest_timeout_s + settings.config.worker.lease_margin_s
+
+
+async def run_worker(settings: Settings, *, burst: bool = False) -> None:
+    """Runs one worker until it is stopped by a signal; a lost Redis restarts it, not ends it."""
+    logging.getLogger("arq").setLevel(logging.WARNING)
+    while True:
+        try:
+            await _run_once(settings, burst=burst)
+            return
+        except asyncio.CancelledError:
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("worker: Redis unavailable (%s: %s); starting again in 1 s", type(exc).__name__, exc)
+            await asyncio.sleep(1)
+
+
+async def _run_once(settings: Settings, *, burst: bool) -> None:
+    config = settings.config
+    queue = settings.key_prefix + ":queue"
+    pool = await create_pool(
+        arq_redis_settings(settings.redis_url),
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        default_queue_name=queue,
+    )
+    store = Store(pool, settings.key_prefix)
+    sender = Sender(AddressPolicy(config.gateway.allowed_networks), config.worker.concurrency)
+    await sender.start()
+    deliverer = Deliverer(settings, store, sender)
+    worker = Worker(
+        functions=[func(deliverer.deliver, name=DELIVER_JOB, timeout=job_timeout_s(settings), keep_result=0)],
+        queue_name=queue,
+        redis_pool=pool,
+        burst=burst,
+        max_jobs=config.worker.concurrency,
+        poll_delay=config.worker.poll_delay_s,
+        keep_result=0,
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        log_results=False,
+        handle_signals=True,
+    )
+    reconciler = asyncio.create_task(Reconciler(settings, store, deliverer).run_forever())
+    log.info("worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency)
+    try:
+        await worker.async_run()
+    finally:
+        reconciler.cancel()
+        with contextlib.suppress(Exception):
+            await worker.close()
+        await sender.close()
