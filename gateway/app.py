@@ -69,5 +69,9 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPError: _gateway_error, HTTPException: _http_exception, Exception: _unexpected},
+        exception_handlers={
+            HTTPError: _gateway_error,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
     )

@@ -86,8 +86,13 @@ def worker(burst: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--echo-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of the demo echo endpoint.")
+@click.option(
+    "--echo-port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the demo echo endpoint.",
+)
 def dev(host: str, port: int, echo_port: int) -> None:
     """Everything on one machine: Redis (embedded unless REDIS_URL is set), the API, one worker
     and the demo echo endpoint."""

@@ -77,8 +77,9 @@ class Verdict(StrEnum):
 
 def backoff_s(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with equal jitter: the wait after attempt n lies in [d/2, d]."""
-    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** min(attempt - 1, 62))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2.0 ** min(attempt - 1, 62))
+    jitter = rng.uniform(0, ceiling / 2) if rng is not None else random.uniform(0, ceiling / 2)
+    return ceiling / 2 + jitter
 
 
 def decide(result: Result, policy: RetryPolicy, attempt: int, age_s: float) -> tuple[Verdict, float]:
@@ -139,7 +140,9 @@ class GuardedResolver(AbstractResolver):
         self._inner = aiohttp.ThreadedResolver()
         self._policy = policy
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         kept = [r for r in found if self._policy.allows(r["host"])]
         if not kept:

@@ -37,9 +37,25 @@ def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     var_dir.mkdir(parents=True, exist_ok=True)
     sock = var_dir / "redis.sock"
     process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--dir", str(var_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-         "--logfile", str(var_dir / "redis.log")],
+        [
+            binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(var_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--logfile",
+            str(var_dir / "redis.log"),
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"unix://{sock}"
@@ -51,7 +67,9 @@ def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
             break
         except (redis.RedisError, OSError):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"gateway dev: redis-server did not start; see {var_dir / 'redis.log'}") from None
+                raise SystemExit(
+                    f"gateway dev: redis-server did not start; see {var_dir / 'redis.log'}"
+                ) from None
             time.sleep(0.05)
     client.close()
     return process, url
@@ -72,14 +90,18 @@ def echo_app() -> Starlette:
         return JSONResponse({"received": True, "webhook_id": request.headers.get("webhook-id")})
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    return Starlette(routes=[Route("/echo", echo, methods=methods), Route("/echo/{rest:path}", echo, methods=methods)])
+    return Starlette(
+        routes=[Route("/echo", echo, methods=methods), Route("/echo/{rest:path}", echo, methods=methods)]
+    )
 
 
 async def _serve(settings: Settings, host: str, port: int, echo_port: int) -> None:
-    api = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, access_log=False,
-                                        log_level="warning"))
-    echo = uvicorn.Server(uvicorn.Config(echo_app(), host="127.0.0.1", port=echo_port, access_log=False,
-                                         log_level="warning"))
+    api = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, access_log=False, log_level="warning")
+    )
+    echo = uvicorn.Server(
+        uvicorn.Config(echo_app(), host="127.0.0.1", port=echo_port, access_log=False, log_level="warning")
+    )
     await asyncio.gather(api.serve(), echo.serve())
 
 

@@ -65,6 +65,7 @@ class AttemptRecord(TypedDict):
     latency_ms: float
     status: int | None
     error: str | None
+    detail: str
     outcome: str
     body: str
     retry_in_s: NotRequired[float]

@@ -56,9 +56,9 @@ class Ingress:
         body = await self._read_body(request)
         headers = _kept_headers(request)
         url = integration.upstream_url(request.path_params.get("rest", ""), query)
-        idempotency_key = (
-            request.headers.get("idempotency-key") or request.headers.get("webhook-id") or ""
-        )[:MAX_IDEMPOTENCY_KEY]
+        idempotency_key = (request.headers.get("idempotency-key") or request.headers.get("webhook-id") or "")[
+            :MAX_IDEMPOTENCY_KEY
+        ]
         event = NewEvent(
             new_event_id(),
             name,

@@ -67,7 +67,7 @@ class Integration(_Model):
     @classmethod
     def _relay_only(cls, mode: str) -> str:
         if mode == "proxy":
-            raise ValueError("proxy mode is not available in this version; use mode = \"relay\"")
+            raise ValueError('proxy mode is not available in this version; use mode = "relay"')
         return mode
 
     @field_validator("signing_secrets")
@@ -105,6 +105,19 @@ class GatewaySection(_Model):
     allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     idempotency_ttl_s: Annotated[int, Field(ge=1)] = 86400
     store_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f'{item!r} is not an IP network such as "127.0.0.0/8": {exc}') from None
+        return networks
 
 
 class WorkerSection(_Model):

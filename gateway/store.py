@@ -26,13 +26,14 @@ DELIVER_JOB = "deliver"
 
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> Redis:
     """One pool per process; short socket timeouts so an unreachable Redis fails fast."""
-    return Redis.from_url(
+    client: Redis = Redis.from_url(
         url,
         socket_connect_timeout=min(timeout_s, 1.0),
         socket_timeout=timeout_s,
         max_connections=max_connections,
         health_check_interval=30,
     )
+    return client
 
 
 def job_payload(event_id: str, attempt: int, integration: str, enqueued_ms: int) -> bytes:
@@ -137,8 +138,11 @@ class Store:
 
     async def meta(self, event_id: str) -> tuple[str, int, str, int] | None:
         """(state, attempt, integration, received ms) of an event, or None."""
-        s, n, i, t = await self.redis.hmget(self.keys.event(event_id), ["s", "n", "i", "t"])
-        if s is None:
+        fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+            self.keys.event(event_id), ["s", "n", "i", "t"]
+        )
+        s, n, i, t = fields
+        if s is None or n is None or i is None or t is None:
             return None
         return s.decode(), int(n), i.decode(), int(t)
 

@@ -1,0 +1,253 @@
+"""Test harness: real Redis, real upstream HTTP servers on loopback, the real `gateway` processes.
+
+Redis: the one on 127.0.0.1:6379 when it answers, else a redis-server started for the session.
+Every test gets its own database (GATEWAY_TEST_REDIS_DB, default 9), flushed before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.upstream import Upstream
+
+TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, persisting to an append-only file."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--save", "", "--logfile", str(self.directory / "redis.log")]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        wait_until(lambda: _pings(client), timeout=10)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_base() -> Iterator[tuple[str, int]]:
+    """(host, port) of a Redis for the tests: the machine's, or one started here."""
+    if _pings(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5)):
+        yield "127.0.0.1", 6379
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp), appendonly=False).start()
+        try:
+            yield "127.0.0.1", server.port
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_base: tuple[str, int]) -> Iterator[str]:
+    host, port = redis_base
+    client = redis.Redis(host=host, port=port, db=TEST_DB)
+    client.flushdb()
+    try:
+        yield f"redis://{host}:{port}/{TEST_DB}"
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def integration_toml(name: str, target: str, **fields: Any) -> str:
+    retry = fields.pop("retry", {})
+    headers = fields.pop("headers", {})
+    lines = ["[[integrations]]", f'name = "{name}"', f'target = "{target}"']
+    lines += [f"{k} = {_toml(v)}" for k, v in fields.items()]
+    if headers:
+        lines += ["[integrations.headers]"] + [f'"{k}" = {_toml(v)}' for k, v in headers.items()]
+    if retry:
+        lines += ["[integrations.retry]"] + [f"{k} = {_toml(v)}" for k, v in retry.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+class Gateway:
+    """The real `gateway serve` and `gateway worker` processes, with a config written for the test."""
+
+    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis_url = redis_url
+        self.port = free_port()
+        self.config_path = tmp_path / "gateway.toml"
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Any] = []
+        self.extra_env: dict[str, str] = {}
+
+    def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Gateway:
+        head = '[gateway]\nallowed_networks = ["127.0.0.0/8"]\n' + gateway + "\n"
+        head += "[worker]\npoll_delay_s = 0.01\nlease_margin_s = 1\nreconcile_interval_s = 0.2\n" + worker + "\n"
+        self.config_path.write_text(head + "\n".join(integrations))
+        return self
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(REDIS_URL=self.redis_url, GATEWAY_CONFIG=str(self.config_path), **self.extra_env)
+        return env
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, *args: str, log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / log_name, "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def start_api(self) -> Gateway:
+        self.api = self._spawn("serve", "--port", str(self.port), log_name="api.log")
+        wait_until(self._api_up, timeout=15)
+        return self
+
+    def _api_up(self) -> bool:
+        assert self.api is not None
+        if self.api.poll() is not None:
+            raise AssertionError(f"gateway serve exited: {self.log('api.log')}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        worker = self._spawn("worker", log_name=f"worker{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def start(self, workers: int = 1) -> Gateway:
+        for _ in range(workers):
+            self.start_worker()
+        return self.start_api()
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
+        return httpx.post(self.url + path, content=content, timeout=10, **kwargs)
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.api]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*self.workers, self.api]:
+            if process is not None:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, redis_url: str) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path, redis_url)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    server = Upstream().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[str, Any]:
+    """The event as the store keeps it: its state, attempt number and attempt records."""
+    import orjson
+
+    fields = rdb.hgetall(f"{prefix}:ev:{event_id}")
+    attempts = [orjson.loads(a) for a in rdb.lrange(f"{prefix}:at:{event_id}", 0, -1)]
+    return {k.decode(): v.decode() for k, v in fields.items()} | {"attempts": attempts}

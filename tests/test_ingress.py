@@ -1,0 +1,117 @@
+"""Ingress: what the helpdesk gets back, and that refused requests change nothing in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import redis
+
+from tests.conftest import Gateway, integration_toml, wait_until
+from tests.upstream import Upstream
+
+
+def test_idempotency_key_returns_first_id_and_delivers_once(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    first = gateway.post("/hooks/crm", b'{"n":1}', headers={"Idempotency-Key": "ticket-7-created"})
+    again = gateway.post("/hooks/crm", b'{"n":1}', headers={"Idempotency-Key": "ticket-7-created"})
+    other = gateway.post("/hooks/crm", b'{"n":1}', headers={"Idempotency-Key": "ticket-8-created"})
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    upstream.wait_for(2)
+    # A third copy, sent after the first was delivered, is still recognised.
+    late = gateway.post("/hooks/crm", b'{"n":1}', headers={"Idempotency-Key": "ticket-7-created"})
+    assert late.json()["id"] == first.json()["id"]
+    wait_until(lambda: rdb.zcard("gw:st:crm:delivered") == 2)
+    assert sorted(upstream.ids()) == sorted([first.json()["id"], other.json()["id"]])
+
+
+def test_webhook_id_from_helpdesk_deduplicates_within_one_batch(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+
+    async def burst() -> list[str]:
+        async with httpx.AsyncClient(base_url=gateway.url) as client:
+            answers = await asyncio.gather(
+                *[
+                    client.post("/hooks/crm", content=b"{}", headers={"webhook-id": "msg_1"})
+                    for _ in range(20)
+                ]
+            )
+        return [a.json()["id"] for a in answers]
+
+    ids = asyncio.run(burst())
+    assert len(set(ids)) == 1
+    upstream.wait_for(1)
+    wait_until(lambda: rdb.zcard("gw:st:crm:delivered") == 1)
+    assert upstream.count() == 1
+    assert upstream.received[0].webhook_id == ids[0]
+
+
+def test_unknown_integration_is_404_and_writes_nothing(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    before = rdb.dbsize()
+    response = gateway.post("/hooks/nope/x", b"{}")
+    assert response.status_code == 404
+    assert response.json() == {"error": "not_found", "detail": "no integration is named 'nope'"}
+    assert rdb.dbsize() == before
+
+
+def test_body_over_limit_is_413_and_writes_nothing(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url), gateway="max_body_bytes = 1000\n").start()
+    before = rdb.dbsize()
+    assert gateway.post("/hooks/crm", b"x" * 1000).status_code == 202
+    too_big = gateway.post("/hooks/crm", b"x" * 1001)
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(11):
+            yield b"y" * 100
+
+    chunked = httpx.post(gateway.url + "/hooks/crm", content=chunks())
+    assert chunked.status_code == 413
+    upstream.wait_for(1)
+    wait_until(lambda: rdb.zcard("gw:st:crm:delivered") == 1)
+    assert rdb.zcard("gw:due") == 0
+    assert upstream.received[0].body == b"x" * 1000
+    assert rdb.dbsize() >= before
+
+
+def test_inbound_token_required_and_not_passed_on(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.extra_env["CRM_TOKEN"] = "t0ken"
+    gateway.configure(integration_toml("crm", upstream.url, inbound_token="${CRM_TOKEN}")).start()
+    before = rdb.dbsize()
+    for answer in (
+        gateway.post("/hooks/crm"),
+        gateway.post("/hooks/crm", headers={"x-gateway-token": "wrong"}),
+        gateway.post("/hooks/crm?token=wrong"),
+    ):
+        assert answer.status_code == 401
+        assert answer.json()["error"] == "unauthorized"
+    assert rdb.dbsize() == before
+    assert gateway.post("/hooks/crm/a", headers={"x-gateway-token": "t0ken"}).status_code == 202
+    assert gateway.post("/hooks/crm/b?token=t0ken&keep=1").status_code == 202
+    got = sorted(upstream.wait_for(2), key=lambda r: r.path_qs)
+    assert [r.path_qs for r in got] == ["/a", "/b?keep=1"]
+    assert all("x-gateway-token" not in r.headers for r in got)
+
+
+def test_health_endpoints(gateway: Gateway, upstream: Upstream) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(gateway.url + "/readyz").json() == {"status": "ok"}
+    missing = httpx.get(gateway.url + "/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "not_found"
