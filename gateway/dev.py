@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,29 +37,18 @@ def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     var_dir = var_dir.resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
     sock = var_dir / "redis.sock"
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(var_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--logfile",
-            str(var_dir / "redis.log"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"unix://{sock}"
+    common = ["--dir", str(var_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+    common += ["--logfile", str(var_dir / "redis.log")]
+    if len(str(sock)) < 100:  # the limit of a unix socket path
+        listen = ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+        url = f"unix://{sock}"
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        listen = ["--port", str(port), "--bind", "127.0.0.1"]
+        url = f"redis://127.0.0.1:{port}/0"
+    process = subprocess.Popen([binary, *listen, *common], stdout=subprocess.DEVNULL)
     client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     while True:
@@ -105,7 +95,24 @@ async def _serve(settings: Settings, host: str, port: int, echo_port: int) -> No
     await asyncio.gather(api.serve(), echo.serve())
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_dev(host: str, port: int, echo_port: int) -> int:
+    for h, p, flag in ((host, port, "--port"), ("127.0.0.1", echo_port, "--echo-port")):
+        if not _port_free(h, p):
+            print(
+                f"gateway dev: {h}:{p} is already in use; stop what runs there or pass {flag}",
+                file=sys.stderr,
+            )
+            return 2
     children: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ)
     if not env.get("REDIS_URL"):
