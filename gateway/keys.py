@@ -80,7 +80,9 @@ local PROGRESS_PREFIX = '{in_progress_key_prefix}'
 # ARGV: prefix, queue, now, job expiry ms, idempotency ttl ms, count,
 #       then per event: id, integration, idempotency key or "", request blob, arq job bytes.
 # Returns per event: the id and 0 (new) or the first id and 1 (a repeat).
-ACCEPT = _PRELUDE + """
+ACCEPT = (
+    _PRELUDE
+    + """
 local queue, now, job_px, idem_px, count = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local out = {}
 for k = 0, count - 1 do
@@ -109,10 +111,13 @@ for k = 0, count - 1 do
 end
 return out
 """
+)
 
 # ARGV: prefix, id, n, now, lease ms. Moves a due event to in_flight when attempt n is the
 # current one; returns {integration, received ms, request blob}, or nil for a stale job.
-CLAIM = _PRELUDE + """
+CLAIM = (
+    _PRELUDE
+    + """
 local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 local s = f[1]
@@ -124,12 +129,15 @@ redis.call('ZREM', st(f[3], s), id)
 redis.call('ZADD', st(f[3], 'in_flight'), f[4], id)
 return {f[3], f[4], redis.call('GET', rq(id))}
 """
+)
 
 # ARGV: prefix, queue, id, n, now, outcome (delivered|dead|retrying), attempt record,
 #       due ms, arq job bytes, job expiry ms, retention ms of a terminal event,
 #       "1" when only an expired lease may be finished (the reconciler).
 # Returns 1, or 0 when attempt n is no longer the one in flight (nothing is changed).
-FINISH = _PRELUDE + """
+FINISH = (
+    _PRELUDE
+    + """
 local queue, id, n, now, outcome = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 if f[1] ~= 'in_flight' or f[2] ~= n then return 0 end
@@ -158,35 +166,57 @@ else
 end
 return 1
 """
+)
 
-# ARGV: prefix, cutoff ms, limit. Due events (scheduled before cutoff) whose arq job is gone:
-# returns a flat list of id, n, due, integration.
-ORPHANS = _PRELUDE + """
+# ARGV: prefix, cutoff ms, limit, stale lock ms. Due events (scheduled before cutoff) whose arq job
+# is gone, or is locked by arq's in-progress key with less than `stale lock ms` left on it: a worker
+# that took the job that long ago and never claimed the attempt has died or lost Redis, and arq
+# would keep the job locked for the rest of the job timeout + 10 s. Returns a flat list of
+# id, n, due, integration.
+ORPHANS = (
+    _PRELUDE
+    + """
 local ids = redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+local stale = tonumber(ARGV[4])
 local out = {}
 for k = 1, #ids, 2 do
   local id = ids[k]
   local f = redis.call('HMGET', ev(id), 'n', 'i')
-  if f[1] and redis.call('EXISTS', job(id .. ':' .. f[1])) == 0 then
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = ids[k + 1]
-    out[#out + 1] = f[2]
+  if f[1] then
+    local jid = id .. ':' .. f[1]
+    local lock = redis.call('PTTL', PROGRESS_PREFIX .. jid)
+    if redis.call('EXISTS', job(jid)) == 0 or (lock >= 0 and lock < stale) then
+      out[#out + 1] = id
+      out[#out + 1] = f[1]
+      out[#out + 1] = ids[k + 1]
+      out[#out + 1] = f[2]
+    end
   end
 end
 return out
 """
+)
 
-# ARGV: prefix, queue, id, n, due, arq job bytes, job expiry ms. Re-creates the arq job of a due
-# event when it is still missing; returns 1 when it did.
-REENQUEUE = _PRELUDE + """
+# ARGV: prefix, queue, id, n, due, arq job bytes, job expiry ms, stale lock ms (as in ORPHANS).
+# Re-creates the arq job of a due event when it is missing or its lock is stale; returns 1 when it
+# did. Taking a stale lock is safe even if its worker is only slow: CLAIM is fenced, so at most one
+# of the two runs of the job sends the attempt.
+REENQUEUE = (
+    _PRELUDE
+    + """
 local queue, id, n = ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', ev(id), 's', 'n')
 if (f[1] ~= 'pending' and f[1] ~= 'retrying') or f[2] ~= n then return 0 end
 local jid = id .. ':' .. n
-if redis.call('EXISTS', job(jid)) == 1 or redis.call('EXISTS', PROGRESS_PREFIX .. jid) == 1 then return 0 end
-redis.call('DEL', RETRY_PREFIX .. jid)
+local lock = redis.call('PTTL', PROGRESS_PREFIX .. jid)
+if lock == -2 then
+  if redis.call('EXISTS', job(jid)) == 1 then return 0 end
+elseif lock < 0 or lock >= tonumber(ARGV[8]) then
+  return 0
+end
+redis.call('DEL', RETRY_PREFIX .. jid, PROGRESS_PREFIX .. jid)
 redis.call('SET', job(jid), ARGV[6], 'PX', ARGV[7])
 redis.call('ZADD', queue, ARGV[5], jid)
 return 1
 """
+)

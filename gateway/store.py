@@ -128,9 +128,12 @@ class Store:
         ids = await self.redis.zrangebyscore(self.keys.lease, "-inf", now_ms(), start=0, num=limit)
         return [i.decode() for i in ids]
 
-    async def orphans(self, older_than_ms: int, limit: int = 100) -> list[tuple[str, int, int, str]]:
-        """Due events whose arq job is gone: (id, attempt, due ms, integration)."""
-        flat = await self._orphans(args=[self.keys.prefix, now_ms() - older_than_ms, limit])
+    async def orphans(
+        self, older_than_ms: int, stale_lock_ms: int, limit: int = 100
+    ) -> list[tuple[str, int, int, str]]:
+        """Due events whose arq job is gone or stuck under a stale lock: (id, attempt, due ms,
+        integration). A lock is stale when less than `stale_lock_ms` of it is left."""
+        flat = await self._orphans(args=[self.keys.prefix, now_ms() - older_than_ms, limit, stale_lock_ms])
         return [
             (flat[i].decode(), int(flat[i + 1]), int(float(flat[i + 2])), flat[i + 3].decode())
             for i in range(0, len(flat), 4)
@@ -146,7 +149,9 @@ class Store:
             return None
         return s.decode(), int(n), i.decode(), int(t)
 
-    async def reenqueue(self, event_id: str, attempt: int, integration: str, due_ms: int) -> bool:
+    async def reenqueue(
+        self, event_id: str, attempt: int, integration: str, due_ms: int, stale_lock_ms: int
+    ) -> bool:
         now = now_ms()
         done = await self._reenqueue(
             args=[
@@ -157,6 +162,7 @@ class Store:
                 due_ms,
                 job_payload(event_id, attempt, integration, now),
                 max(due_ms - now, 0) + expires_extra_ms,
+                stale_lock_ms,
             ]
         )
         return bool(done)

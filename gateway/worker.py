@@ -4,8 +4,9 @@ A job carries (event id, attempt number, integration). `Deliverer.deliver` claim
 (a fenced, atomic move to in_flight with a lease a few seconds longer than the HTTP deadline),
 sends it, and records the outcome in one atomic step that also schedules the next attempt.
 `Reconciler` runs in every worker: it takes back attempts whose lease expired (their worker died)
-and re-creates arq jobs that are missing (expired, or lost with a failing job), so an event's fate
-never depends on arq's keys.
+and re-creates arq jobs that are missing (expired, or lost with a failing job) or left locked by a
+worker that took them and died or lost Redis before claiming, so an event's fate never depends on
+arq's keys.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from typing import Any
 
@@ -81,7 +83,9 @@ class Deliverer:
         request = StoredRequest.unpack(claimed.request_blob)
         started_ms = now_ms()
         if integration is None:
-            result = Result(None, ErrorKind.UNKNOWN_INTEGRATION, f"no integration {name!r} in the config", 0.0)
+            result = Result(
+                None, ErrorKind.UNKNOWN_INTEGRATION, f"no integration {name!r} in the config", 0.0
+            )
             policy = RetryPolicy()
         else:
             headers = upstream_headers(request.headers, integration, event_id, request.body)
@@ -140,13 +144,18 @@ class Deliverer:
 
 
 class Reconciler:
-    """Takes back attempts of dead workers and re-creates missing jobs, in every worker process."""
+    """Takes back attempts of dead workers and re-creates missing jobs, in every worker process.
 
-    def __init__(self, settings: Settings, store: Store, deliverer: Deliverer) -> None:
+    `lock_s` is how long arq locks a job it starts; a lock taken more than ORPHAN_GRACE_MS ago
+    whose attempt was never claimed belongs to a worker that is gone.
+    """
+
+    def __init__(self, settings: Settings, store: Store, deliverer: Deliverer, lock_s: float) -> None:
         self._config = settings.config
         self._store = store
         self._deliverer = deliverer
         self._interval_s = settings.config.worker.reconcile_interval_s
+        self._stale_lock_ms = max(int(lock_s * 1000) - ORPHAN_GRACE_MS, 0)
 
     async def run_forever(self) -> None:
         while True:
@@ -165,18 +174,17 @@ class Reconciler:
             _, attempt, name, received_ms = meta
             integration = self._config.integration(name)
             result = Result(None, ErrorKind.LEASE_EXPIRED, "the worker sending this attempt stopped", 0.0)
-            policy = integration.retry if integration else None
-            if policy is not None and attempt >= policy.max_attempts:
-                verdict = Verdict.DEAD
-            else:
-                verdict = Verdict.RETRY
+            policy = integration.retry if integration else RetryPolicy()
+            spent = attempt >= policy.max_attempts or (now_ms() - received_ms) / 1000 > policy.max_age_s
+            verdict = Verdict.DEAD if spent else Verdict.RETRY
             if await self._deliverer.record(
                 event_id, attempt, name, result, verdict, 0.0, now_ms(), only_if_lease_expired=True
             ):
                 fixed += 1
-        for event_id, attempt, due_ms, name in await self._store.orphans(ORPHAN_GRACE_MS):
-            if await self._store.reenqueue(event_id, attempt, name, max(due_ms, now_ms())):
-                log.info("event %s attempt %d: its job was missing and is scheduled again", event_id, attempt)
+        stale = self._stale_lock_ms
+        for event_id, attempt, due_ms, name in await self._store.orphans(ORPHAN_GRACE_MS, stale):
+            if await self._store.reenqueue(event_id, attempt, name, max(due_ms, now_ms()), stale):
+                log.info("event %s attempt %d: its job was lost; scheduled again", event_id, attempt)
                 fixed += 1
         return fixed
 
@@ -201,18 +209,35 @@ def job_timeout_s(settings: Settings) -> float:
 async def run_worker(settings: Settings, *, burst: bool = False) -> None:
     """Runs one worker until it is stopped by a signal; a lost Redis restarts it, not ends it."""
     logging.getLogger("arq").setLevel(logging.WARNING)
+    main = asyncio.current_task()
+    assert main is not None
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        main.cancel()
+
     while True:
         try:
-            await _run_once(settings, burst=burst)
+            await _run_once(settings, burst=burst, stopping=stopping)
             return
         except asyncio.CancelledError:
             return
         except (RedisError, OSError) as exc:
+            if stopping.is_set():
+                return
             log.warning("worker: Redis unavailable (%s: %s); starting again in 1 s", type(exc).__name__, exc)
+        # arq's signal handlers belong to the worker that just ended; until the next one starts, a
+        # stop signal must end this loop, or the process could not be stopped while Redis is down.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop)
+        try:
             await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            return
 
 
-async def _run_once(settings: Settings, *, burst: bool) -> None:
+async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event) -> None:
     config = settings.config
     queue = settings.key_prefix + ":queue"
     pool = await create_pool(
@@ -238,12 +263,22 @@ async def _run_once(settings: Settings, *, burst: bool) -> None:
         log_results=False,
         handle_signals=True,
     )
-    reconciler = asyncio.create_task(Reconciler(settings, store, deliverer).run_forever())
-    log.info("worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency)
+    worker.on_stop = lambda _: stopping.set()
+    reconciler = asyncio.create_task(
+        Reconciler(settings, store, deliverer, worker.in_progress_timeout_s).run_forever()
+    )
+    log.info(
+        "worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency
+    )
     try:
         await worker.async_run()
     finally:
         reconciler.cancel()
+        # arq's close() stops waiting at the first job that failed (a lost Redis fails several):
+        # let the attempts still sending end before their HTTP session and Redis pool are closed.
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         with contextlib.suppress(Exception):
             await worker.close()
+        with contextlib.suppress(Exception):
+            await pool.aclose(close_connection_pool=True)
         await sender.close()

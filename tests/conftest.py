@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -61,8 +61,19 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                "--save", "", "--logfile", str(self.directory / "redis.log")]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--logfile",
+            str(self.directory / "redis.log"),
+        ]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
@@ -159,7 +170,9 @@ class Gateway:
 
     def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Gateway:
         head = '[gateway]\nallowed_networks = ["127.0.0.0/8"]\n' + gateway + "\n"
-        head += "[worker]\npoll_delay_s = 0.01\nlease_margin_s = 1\nreconcile_interval_s = 0.2\n" + worker + "\n"
+        head += (
+            "[worker]\npoll_delay_s = 0.01\nlease_margin_s = 1\nreconcile_interval_s = 0.2\n" + worker + "\n"
+        )
         self.config_path.write_text(head + "\n".join(integrations))
         return self
 
@@ -248,6 +261,11 @@ def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[st
     """The event as the store keeps it: its state, attempt number and attempt records."""
     import orjson
 
-    fields = rdb.hgetall(f"{prefix}:ev:{event_id}")
-    attempts = [orjson.loads(a) for a in rdb.lrange(f"{prefix}:at:{event_id}", 0, -1)]
+    fields = cast(dict[bytes, bytes], rdb.hgetall(f"{prefix}:ev:{event_id}"))
+    attempts = [orjson.loads(a) for a in cast(list[bytes], rdb.lrange(f"{prefix}:at:{event_id}", 0, -1))]
     return {k.decode(): v.decode() for k, v in fields.items()} | {"attempts": attempts}
+
+
+def stored_keys(rdb: redis.Redis) -> set[bytes]:
+    """Every key in the test database but the workers' arq health-check keys, which come and go."""
+    return {k for k in cast(list[bytes], rdb.keys("*")) if not k.endswith(b":health-check")}
