@@ -20,7 +20,7 @@ spread between rounds rather than as a bias against one target.
 
 Checked while measuring: wrk counts the responses of each status (a Lua `response` hook), which
 must all be 202 (any other status or socket error fails the benchmark); after each gateway run,
-once the gateway is idle, Redis must hold every event that got a 202 (ZCARD of the `due` zset and
+once the gateway is idle, Redis must hold every event that got a 202 (ZCARD of the pending state index and
 of the arq queue), plus at most one per connection that the gateway accepted while wrk was stopping.
 Exit status 1 when a check fails.
 
@@ -103,13 +103,13 @@ def _zcard(r: redis.Redis, key: str) -> int:
 def _settle(r: redis.Redis, quiet_s: float = 0.3, timeout_s: float = 15.0) -> int:
     """ZCARD of the due zset once it has not changed for `quiet_s` (the gateway is idle)."""
     deadline = time.monotonic() + timeout_s
-    last = _zcard(r, KEYS.due)
+    last = _zcard(r, KEYS.state_index("bench", "pending"))
     since = time.monotonic()
     while time.monotonic() - since < quiet_s:
         if time.monotonic() > deadline:
             raise RuntimeError("the gateway kept writing events after wrk had stopped")
         time.sleep(0.05)
-        now = _zcard(r, KEYS.due)
+        now = _zcard(r, KEYS.state_index("bench", "pending"))
         if now != last:
             last, since = now, time.monotonic()
     return last

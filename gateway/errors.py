@@ -3,7 +3,8 @@
 GatewayError
  ├── ConfigError            a config file or the environment is wrong; the process refuses to start
  ├── StoreUnavailable       Redis did not answer in time; ingress answers 503
- └── HTTPError              turned into a JSON error answer by the app's one exception handler
+ └── HTTPError              turned into a JSON error answer (see `gateway.app`)
+      ├── InternalError     500, a bug: logged with its traceback, never shown to the client
       ├── NotFound          404, e.g. an unknown integration
       ├── Unauthorized      401, a missing or wrong inbound token
       ├── PayloadTooLarge   413, a body over `max_body_bytes`
@@ -39,6 +40,11 @@ class HTTPError(GatewayError):
     def __init__(self, detail: str) -> None:
         self.detail = detail
         super().__init__(detail)
+
+
+class InternalError(HTTPError):
+    status_code = 500
+    code = "internal_error"
 
 
 class NotFound(HTTPError):

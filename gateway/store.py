@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -71,17 +70,27 @@ class Store:
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events and their first delivery job; returns (id, is_repeat) for each."""
         now = now_ms()
-        args: list[Any] = [
+        lengths: list[int] = []
+        parts: list[bytes] = []
+        for e in events:
+            fields = (
+                e.event_id.encode(),
+                e.integration.encode(),
+                e.idempotency_key.encode(),
+                e.request_blob,
+                job_payload(e.event_id, 1, e.integration, now),
+            )
+            parts += fields
+            lengths += map(len, fields)
+        args: list[bytes | str | int] = [
             self.keys.prefix,
             self.keys.queue,
             now,
-            expires_extra_ms,
             idempotency_ttl_s * 1000,
             len(events),
+            ",".join(map(str, lengths)),
+            b"".join(parts),
         ]
-        for e in events:
-            job = job_payload(e.event_id, 1, e.integration, now)
-            args += (e.event_id, e.integration, e.idempotency_key, e.request_blob, job)
         flat = await self._accept(args=args)
         return [(flat[i].decode(), flat[i + 1] == 1) for i in range(0, len(flat), 2)]
 
@@ -117,7 +126,6 @@ class Store:
                 orjson.dumps(record),
                 due_ms,
                 job,
-                max(due_ms - now, 0) + expires_extra_ms,
                 max(keep_ms, 1),
                 "1" if only_if_lease_expired else "0",
             ]
@@ -129,15 +137,15 @@ class Store:
         return [i.decode() for i in ids]
 
     async def orphans(
-        self, older_than_ms: int, stale_lock_ms: int, limit: int = 100
-    ) -> list[tuple[str, int, int, str]]:
-        """Due events whose arq job is gone or stuck under a stale lock: (id, attempt, due ms,
-        integration). A lock is stale when less than `stale_lock_ms` of it is left."""
-        flat = await self._orphans(args=[self.keys.prefix, now_ms() - older_than_ms, limit, stale_lock_ms])
-        return [
-            (flat[i].decode(), int(flat[i + 1]), int(float(flat[i + 2])), flat[i + 3].decode())
-            for i in range(0, len(flat), 4)
-        ]
+        self, integration: str, state: EventState, offset: int, size: int, cutoff_ms: int, stale_lock_ms: int
+    ) -> tuple[list[tuple[str, int, int]], int]:
+        """One page of a due state index: the events on it whose arq job is gone or stuck under a
+        stale lock, as (id, attempt, due ms), and how many ids the page held."""
+        flat = await self._orphans(
+            args=[self.keys.prefix, integration, state.value, offset, size, cutoff_ms, stale_lock_ms]
+        )
+        found = [(flat[i].decode(), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat) - 1, 3)]
+        return found, int(flat[-1])
 
     async def meta(self, event_id: str) -> tuple[str, int, str, int] | None:
         """(state, attempt, integration, received ms) of an event, or None."""
@@ -152,7 +160,6 @@ class Store:
     async def reenqueue(
         self, event_id: str, attempt: int, integration: str, due_ms: int, stale_lock_ms: int
     ) -> bool:
-        now = now_ms()
         done = await self._reenqueue(
             args=[
                 self.keys.prefix,
@@ -160,8 +167,7 @@ class Store:
                 event_id,
                 attempt,
                 due_ms,
-                job_payload(event_id, attempt, integration, now),
-                max(due_ms - now, 0) + expires_extra_ms,
+                job_payload(event_id, attempt, integration, now_ms()),
                 stale_lock_ms,
             ]
         )
@@ -195,28 +201,39 @@ class Store:
 class IngestBatcher:
     """Writes the events of concurrent requests in one script call.
 
-    While one call is under way, new events gather; the next call takes all of them. Under load a
-    batch holds about as many events as there are requests in flight, at one round trip each; an idle
-    gateway still writes each event at once. A call that fails or takes longer than `timeout_s`
-    fails every request of its batch with StoreUnavailable, so no request hangs and none is
-    acknowledged without being written.
+    Up to `max_in_flight` calls run at once (two: while Redis runs one, the next is being sent);
+    the events that arrive meanwhile wait and go together in the next call. Under load a call holds
+    about half the requests in flight; an idle gateway still writes each event at once. A call
+    that fails or takes longer than `timeout_s` fails every request of its batch with
+    StoreUnavailable, so no request hangs and none is acknowledged without being written.
     """
 
-    def __init__(self, store: Store, idempotency_ttl_s: int, timeout_s: float, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        store: Store,
+        idempotency_ttl_s: int,
+        timeout_s: float,
+        max_batch: int = 512,
+        max_in_flight: int = 2,
+    ) -> None:
         self._store = store
         self._ttl_s = idempotency_ttl_s
         self._timeout_s = timeout_s
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._waiting: list[tuple[NewEvent, asyncio.Future[tuple[str, bool]]]] = []
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, event: NewEvent) -> tuple[str, bool]:
-        future: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[str, bool]] = loop.create_future()
         self._waiting.append((event, future))
-        if not self._running:
-            self._running = True
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
@@ -237,4 +254,4 @@ class IngestBatcher:
                     if not future.done():
                         future.set_result(result)
         finally:
-            self._running = False
+            self._in_flight -= 1

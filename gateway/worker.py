@@ -42,6 +42,7 @@ VERDICT_STATE = {
 }
 DAY_MS = 86_400_000
 ORPHAN_GRACE_MS = 2000
+ORPHAN_PAGE = 200
 
 
 def upstream_headers(
@@ -156,6 +157,8 @@ class Reconciler:
         self._deliverer = deliverer
         self._interval_s = settings.config.worker.reconcile_interval_s
         self._stale_lock_ms = max(int(lock_s * 1000) - ORPHAN_GRACE_MS, 0)
+        # Where the walk of each due state index goes on at the next round.
+        self._offsets: dict[tuple[str, EventState], int] = {}
 
     async def run_forever(self) -> None:
         while True:
@@ -181,8 +184,21 @@ class Reconciler:
                 event_id, attempt, name, result, verdict, 0.0, now_ms(), only_if_lease_expired=True
             ):
                 fixed += 1
+        for integration in self._config.integrations:
+            for state in (EventState.PENDING, EventState.RETRYING):
+                fixed += await self._walk(integration.name, state)
+        return fixed
+
+    async def _walk(self, name: str, state: EventState) -> int:
+        """Checks one page of a due state index for events whose job is lost, and re-creates it."""
         stale = self._stale_lock_ms
-        for event_id, attempt, due_ms, name in await self._store.orphans(ORPHAN_GRACE_MS, stale):
+        offset = self._offsets.get((name, state), 0)
+        found, walked = await self._store.orphans(
+            name, state, offset, ORPHAN_PAGE, now_ms() - ORPHAN_GRACE_MS, stale
+        )
+        self._offsets[(name, state)] = offset + walked if walked == ORPHAN_PAGE else 0
+        fixed = 0
+        for event_id, attempt, due_ms in found:
             if await self._store.reenqueue(event_id, attempt, name, max(due_ms, now_ms()), stale):
                 log.info("event %s attempt %d: its job was lost; scheduled again", event_id, attempt)
                 fixed += 1
