@@ -14,9 +14,9 @@ Load: wrk, a separate process, POSTs a 500-byte JSON webhook (Content-Type: appl
 uses ONE thread by default: the server under test is a single Python process and is the bottleneck
 at a few thousand requests/s, which one wrk thread (C, epoll) drives while using a small fraction of
 a core (see the "CPU %" column); on a 2-core machine a second wrk thread would only compete for
-the cores the server and redis-server need. Each round runs the baseline then the gateway; the
-table reports the median over `--rounds` rounds, so noise from other work on the machine shows as
-spread between rounds rather than as a bias against one target.
+the cores the server and redis-server need. Each round runs the baseline then the gateway, back to
+back; the ratio is the median over `--rounds` rounds of the per-round ratio, so the machine's drift
+between rounds (large on a shared VM) cancels out instead of biasing one target.
 
 Checked while measuring: wrk counts the responses of each status (a Lua `response` hook), which
 must all be 202 (any other status or socket error fails the benchmark); after each gateway run,
@@ -167,7 +167,8 @@ def measure(
 
 
 def report(targets: list[Target], args: argparse.Namespace) -> None:
-    base = median([run.wrk.rate for run in targets[0].runs])
+    base_runs = targets[0].runs
+    base_cpu = sum(run.server_cpu_s for run in base_runs) / sum(run.wrk.requests for run in base_runs)
     rows = []
     for t in targets:
         rates = [run.wrk.rate for run in t.runs]
@@ -200,18 +201,24 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
             f"{server_wait / seconds * 100:.0f}",
             stored_cell,
             batch_cell,
-            f"{median(rates) / base:.2f}",
+            # Each round measures both targets back to back: the median of the per-round ratios is
+            # far steadier than a ratio of medians on a machine whose speed drifts between rounds.
+            f"{median([a.wrk.rate / b.wrk.rate for a, b in zip(t.runs, base_runs, strict=True)]):.2f}",
+            f"{base_cpu / (server_cpu / requests):.2f}",
         ])
     print(f"\ningest: POST {len(webhook_body(args.body_bytes))}-byte JSON, wrk -t{args.threads} "
           f"-c{args.connections}, {args.seconds:.0f} s per run after {args.warmup:.0f} s warm-up, "
           f"{args.rounds} rounds (medians)")
     print_table(
         ["target", "req/s", "each run", "p50 ms", "p99 ms", "non-2xx", "sock err", "CPU/req",
-         "CPU % srv/redis/wrk", "srv CPU wait %", "stored/202s", "batch: events, Redis us", "ratio"],
+         "CPU % srv/redis/wrk", "srv CPU wait %", "stored/202s", "batch: events, Redis us", "ratio",
+         "CPU ratio"],
         rows,
-        [False, *[True] * 12],
+        [False, *[True] * 13],
     )
-    print(f"ratio: req/s over {targets[0].name} req/s; stored/202s: events in Redis / 202 answers;\n"
+    print(f"ratio: median over rounds of req/s / {targets[0].name} req/s in the same round; "
+          f"CPU ratio: {targets[0].name} CPU per request / this one's;\n"
+          "stored/202s: events in Redis / 202 answers; "
           "batch: events per IngestBatcher script call (EVALSHA) and Redis time per call; "
           "sums over the measured runs")
 
@@ -220,11 +227,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=10, help="length of each measured run")
-    parser.add_argument("--warmup", type=int, default=3, help="length of the warm-up before each run")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each measured run")
+    parser.add_argument("--warmup", type=int, default=2, help="length of the warm-up before each run")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (concurrent requests)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (see above for why 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (baseline, gateway)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of (baseline, gateway)")
     parser.add_argument("--body-bytes", type=int, default=500)
     args = parser.parse_args()
 

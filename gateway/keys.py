@@ -3,8 +3,10 @@
 Layout under a prefix P (default "gw"):
 
     P:ev:{id}              hash   s=state n=attempt number (current or next) i=integration
-                                  t=received ms d=due ms (or when it ended)
-                                  r=the request: JSON head (method, url, headers) + "\\n" + body
+                                  t=received ms d=due ms (or when it ended); small values only,
+                                  so Redis keeps it as a listpack (a hash with a large field
+                                  costs 400 bytes more per event)
+    P:rq:{id}              string the request: JSON head (method, url, headers) + "\\n" + body
     P:at:{id}              list   one JSON record per finished attempt
     P:lease                zset   id -> lease expiry ms, for in-flight events
     P:st:{integration}:{state}  zset  id -> received ms: the state index (the admin API reads it,
@@ -31,6 +33,9 @@ class Keys:
 
     def event(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
+
+    def request(self, event_id: str) -> str:
+        return f"{self.prefix}:rq:{event_id}"
 
     def attempts(self, event_id: str) -> str:
         return f"{self.prefix}:at:{event_id}"
@@ -60,10 +65,12 @@ class Keys:
 
 # Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
 # Each command costs Redis 3-7 us per event here (a SET with an expiry the most), so the hot
-# scripts use as few as the invariants allow: ACCEPT four per event, CLAIM five, FINISH six to eight.
+# scripts use as few as the invariants allow: ACCEPT one per event and three per batch, CLAIM six,
+# FINISH six to nine.
 _PRELUDE = f"""
 local P = ARGV[1]
 local function ev(id) return P .. ':ev:' .. id end
+local function rq(id) return P .. ':rq:' .. id end
 local function at(id) return P .. ':at:' .. id end
 local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
 local function job(jid) return '{job_key_prefix}' .. jid end
@@ -89,27 +96,47 @@ local function take()
   pos = pos + lens[li]
   return s
 end
-local out = {}
+-- Writes are grouped across the batch (one MSET, one ZADD per sorted set) because each
+-- redis.call costs more than the work it does for one small key.
+local out, seen, strings, queued, indexed = {}, {}, {}, {}, {}
 for k = 1, count do
   local id, integ, idem, blob, jobdata = take(), take(), take(), take(), take()
   local first = false
   if idem ~= '' then
     local ik = P .. ':idem:' .. integ .. ':' .. idem
-    first = redis.call('GET', ik)
-    if not first then redis.call('SET', ik, id, 'PX', idem_px) end
+    first = seen[ik] or redis.call('GET', ik)
+    if not first then
+      redis.call('SET', ik, id, 'PX', idem_px)
+      seen[ik] = id
+    end
   end
   if first then
     out[#out + 1] = first
     out[#out + 1] = 1
   else
-    redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now, 'r', blob)
-    redis.call('ZADD', st(integ, 'pending'), now, id)
+    redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
     local jid = id .. ':1'
-    redis.call('SET', job(jid), jobdata)
-    redis.call('ZADD', queue, now, jid)
+    strings[#strings + 1] = rq(id)
+    strings[#strings + 1] = blob
+    strings[#strings + 1] = job(jid)
+    strings[#strings + 1] = jobdata
+    queued[#queued + 1] = now
+    queued[#queued + 1] = jid
+    local index = indexed[integ]
+    if not index then
+      index = {}
+      indexed[integ] = index
+    end
+    index[#index + 1] = now
+    index[#index + 1] = id
     out[#out + 1] = id
     out[#out + 1] = 0
   end
+end
+if #strings > 0 then
+  redis.call('MSET', unpack(strings))
+  redis.call('ZADD', queue, unpack(queued))
+  for integ, index in pairs(indexed) do redis.call('ZADD', st(integ, 'pending'), unpack(index)) end
 end
 return out
 """
@@ -118,14 +145,14 @@ return out
 # current one; returns {integration, received ms, request blob}, or nil for a stale job.
 CLAIM = _PRELUDE + """
 local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't', 'r')
+local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 local s = f[1]
 if (s ~= 'pending' and s ~= 'retrying') or f[2] ~= n then return false end
 redis.call('HSET', ev(id), 's', 'in_flight')
 redis.call('ZADD', P .. ':lease', now + lease, id)
 redis.call('ZREM', st(f[3], s), id)
 redis.call('ZADD', st(f[3], 'in_flight'), f[4], id)
-return {f[3], f[4], f[5]}
+return {f[3], f[4], redis.call('GET', rq(id))}
 """
 
 # ARGV: prefix, queue, id, n, now, outcome (delivered|dead|retrying), attempt record,
@@ -154,6 +181,7 @@ if outcome == 'retrying' then
 else
   redis.call('HSET', ev(id), 's', outcome, 'd', now)
   redis.call('PEXPIRE', ev(id), ARGV[10])
+  redis.call('PEXPIRE', rq(id), ARGV[10])
   redis.call('PEXPIRE', at(id), ARGV[10])
 end
 return 1

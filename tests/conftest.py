@@ -263,7 +263,7 @@ def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[st
 
     fields = cast(dict[bytes, bytes], rdb.hgetall(f"{prefix}:ev:{event_id}"))
     attempts = [orjson.loads(a) for a in cast(list[bytes], rdb.lrange(f"{prefix}:at:{event_id}", 0, -1))]
-    return {k.decode(): v.decode() for k, v in fields.items() if k != b"r"} | {"attempts": attempts}
+    return {k.decode(): v.decode() for k, v in fields.items()} | {"attempts": attempts}
 
 
 def stored_keys(rdb: redis.Redis) -> set[bytes]:
