@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -15,6 +16,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from gateway.admin import Admin
+from gateway.alerts import Alerts
 from gateway.errors import HTTPError
 from gateway.health import Health
 from gateway.ingress import Ingress, error_body
@@ -37,6 +40,10 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return json_error(exc.status_code, code, str(exc.detail))
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    return json_error(503, "unavailable", f"Redis is not reachable: {type(exc).__name__}")
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -70,6 +77,10 @@ def create_app(settings: Settings) -> GatewayApp:
     batcher = IngestBatcher(store, config.gateway.idempotency_ttl_s, config.gateway.store_timeout_s)
     ingress = Ingress(config, batcher)
     health = Health(store, config.gateway.store_timeout_s)
+    alerts = Alerts(
+        config, settings.public_url, lambda events: store.accept(events, config.gateway.idempotency_ttl_s)
+    )
+    admin = Admin(settings, store, alerts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -82,6 +93,7 @@ def create_app(settings: Settings) -> GatewayApp:
     routes = [
         Route("/healthz", health.live, methods=["GET", "HEAD"]),
         Route("/readyz", health.ready, methods=["GET", "HEAD"]),
+        *admin.routes(),
     ]
     api = Starlette(
         routes=routes,
@@ -89,6 +101,8 @@ def create_app(settings: Settings) -> GatewayApp:
         exception_handlers={
             HTTPError: _gateway_error,
             HTTPException: _http_exception,
+            RedisError: _store_unavailable,
+            OSError: _store_unavailable,
             Exception: _unexpected,
         },
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from urllib.parse import quote
 
 import click
 
+from gateway import client
 from gateway.errors import ConfigError
 from gateway.settings import Settings, load_config
 
@@ -101,3 +103,26 @@ def dev(host: str, port: int, echo_port: int) -> None:
     _logging()
     _settings()  # refuse to start on a bad config before anything is spawned
     sys.exit(run_dev(host, port, echo_port))
+
+
+@main.command()
+@client.api_options
+def integrations(url: str | None, token: str | None, as_json: bool) -> None:
+    """List integrations with their state, failures and held events."""
+    client.output(client.call("GET", "/admin/integrations", url, token), as_json)
+
+
+@main.command()
+@click.argument("name")
+@client.api_options
+def pause(name: str, url: str | None, token: str | None, as_json: bool) -> None:
+    """Pause an integration: nothing is sent to it, new events are held (no automatic probes)."""
+    client.output(client.call("POST", f"/admin/integrations/{quote(name)}/pause", url, token), as_json)
+
+
+@main.command()
+@click.argument("name")
+@client.api_options
+def resume(name: str, url: str | None, token: str | None, as_json: bool) -> None:
+    """Resume an integration: its held events are delivered in arrival order, at a bounded rate."""
+    client.output(client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token), as_json)

@@ -218,8 +218,9 @@ class Sender:
             return Result(None, kind, detail, _ms_since(started))
         latency = _ms_since(started)
         detail = "" if 200 <= status < 300 else f"HTTP {status}"
-        return Result(status, None if 200 <= status < 300 else ErrorKind.HTTP, detail, latency, snippet,
-                      retry_after)
+        return Result(
+            status, None if 200 <= status < 300 else ErrorKind.HTTP, detail, latency, snippet, retry_after
+        )
 
 
 def _ms_since(started: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -119,6 +120,8 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
         redis_process, env["REDIS_URL"] = start_embedded_redis(VAR_DIR)
         children.append(redis_process)
         log.info("embedded Redis at %s (append-only file in %s)", env["REDIS_URL"], VAR_DIR.resolve())
+    if not env.get("GATEWAY_ADMIN_TOKEN"):
+        env["GATEWAY_ADMIN_TOKEN"] = secrets.token_urlsafe(16)
     settings = Settings.from_env(env=env)
     worker = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], env=env)
     children.insert(0, worker)
@@ -126,6 +129,7 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
     print(
         f"\n  gateway API   http://{host}:{port}   (health: /healthz, /readyz)\n"
         f"  demo endpoint http://127.0.0.1:{echo_port}/echo\n"
+        f"  admin token   export GATEWAY_ADMIN_TOKEN={env['GATEWAY_ADMIN_TOKEN']}   (gateway integrations)\n"
         + (
             f"  try: curl -i -X POST http://{host}:{port}/hooks/{demo} "
             "-H 'content-type: application/json' -d '{\"ticket\": 1}'\n"

@@ -12,6 +12,13 @@ Layout under a prefix P (default "gw"):
     P:st:{integration}:{state}  zset  id -> received ms: the state index (the admin API reads it,
                                   and the reconciler walks the pending and retrying ones)
     P:idem:{integration}:{key}  string  first event id seen with that idempotency key
+    P:int:{integration}    hash   the integration's health: state (active|paused), fails
+                                  (consecutive failed attempts), w50/w90 (warnings sent this
+                                  episode), last_error, last_failure_ms, last_success_ms,
+                                  paused_ms, manual (paused by hand: no probes), probe_ms (next
+                                  probe), cooldown_s
+    P:drain:{integration}  string the lock of the one worker draining or probing it
+    Held events are the index P:st:{integration}:held, in arrival order (received ms, then id).
     P:queue                the arq queue; its jobs are `arq:job:{id}:{n}` and carry (id, n,
                            integration) only
 
@@ -47,6 +54,12 @@ class Keys:
     def state_index(self, integration: str, state: str) -> str:
         return f"{self.prefix}:st:{integration}:{state}"
 
+    def integration(self, name: str) -> str:
+        return f"{self.prefix}:int:{name}"
+
+    def drain_lock(self, name: str) -> str:
+        return f"{self.prefix}:drain:{name}"
+
     def idempotency(self, integration: str, key: str) -> str:
         return f"{self.prefix}:idem:{integration}:{key}"
 
@@ -74,6 +87,7 @@ local function rq(id) return P .. ':rq:' .. id end
 local function at(id) return P .. ':at:' .. id end
 local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
 local function job(jid) return '{job_key_prefix}' .. jid end
+local function int(name) return P .. ':int:' .. name end
 local RETRY_PREFIX = '{retry_key_prefix}'
 local PROGRESS_PREFIX = '{in_progress_key_prefix}'
 """
@@ -85,7 +99,9 @@ local PROGRESS_PREFIX = '{in_progress_key_prefix}'
 # The arq job key gets no expiry: arq deletes it when the job ends, and an expiring key costs
 # Redis more than the rest of the event's write.
 # Returns per event: the id and 0 (new) or the first id and 1 (a repeat).
-ACCEPT = _PRELUDE + """
+ACCEPT = (
+    _PRELUDE
+    + """
 local queue, now, idem_px, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local lens = {}
 for n in string.gmatch(ARGV[6], '%d+') do lens[#lens + 1] = tonumber(n) end
@@ -98,7 +114,27 @@ local function take()
 end
 -- Writes are grouped across the batch (one MSET, one ZADD per sorted set) because each
 -- redis.call costs more than the work it does for one small key.
-local out, seen, strings, queued, indexed = {}, {}, {}, {}, {}
+local out, seen, strings, queued, indexed, holds = {}, {}, {}, {}, {}, {}
+-- An integration holds new events while it is paused, and while it drains what it held (they
+-- wait behind the held ones, so arrival order is kept).
+local function holding(integ)
+  local h = holds[integ]
+  if h == nil then
+    h = redis.call('HGET', int(integ), 'state') == 'paused' or redis.call('ZCARD', st(integ, 'held')) > 0
+    holds[integ] = h
+  end
+  return h
+end
+local function index(integ, state, id)
+  local key = st(integ, state)
+  local list = indexed[key]
+  if not list then
+    list = {}
+    indexed[key] = list
+  end
+  list[#list + 1] = now
+  list[#list + 1] = id
+end
 for k = 1, count do
   local id, integ, idem, blob, jobdata = take(), take(), take(), take(), take()
   local first = false
@@ -114,52 +150,68 @@ for k = 1, count do
     out[#out + 1] = first
     out[#out + 1] = 1
   else
-    redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
-    local jid = id .. ':1'
     strings[#strings + 1] = rq(id)
     strings[#strings + 1] = blob
-    strings[#strings + 1] = job(jid)
-    strings[#strings + 1] = jobdata
-    queued[#queued + 1] = now
-    queued[#queued + 1] = jid
-    local index = indexed[integ]
-    if not index then
-      index = {}
-      indexed[integ] = index
+    if holding(integ) then
+      redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
+      index(integ, 'held', id)
+    else
+      redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
+      local jid = id .. ':1'
+      strings[#strings + 1] = job(jid)
+      strings[#strings + 1] = jobdata
+      queued[#queued + 1] = now
+      queued[#queued + 1] = jid
+      index(integ, 'pending', id)
     end
-    index[#index + 1] = now
-    index[#index + 1] = id
     out[#out + 1] = id
     out[#out + 1] = 0
   end
 end
-if #strings > 0 then
-  redis.call('MSET', unpack(strings))
-  redis.call('ZADD', queue, unpack(queued))
-  for integ, index in pairs(indexed) do redis.call('ZADD', st(integ, 'pending'), unpack(index)) end
-end
+if #strings > 0 then redis.call('MSET', unpack(strings)) end
+if #queued > 0 then redis.call('ZADD', queue, unpack(queued)) end
+for key, list in pairs(indexed) do redis.call('ZADD', key, unpack(list)) end
 return out
 """
+)
 
 # ARGV: prefix, id, n, now, lease ms. Moves a due event to in_flight when attempt n is the
-# current one; returns {integration, received ms, request blob}, or nil for a stale job.
-CLAIM = _PRELUDE + """
+# current one; returns {integration, received ms, request blob}, nil for a stale job, or "held"
+# when its integration is paused (the event then waits, held, for the resume).
+CLAIM = (
+    _PRELUDE
+    + """
 local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 local s = f[1]
 if (s ~= 'pending' and s ~= 'retrying') or f[2] ~= n then return false end
+if redis.call('HGET', int(f[3]), 'state') == 'paused' then
+  redis.call('HSET', ev(id), 's', 'held')
+  redis.call('ZREM', st(f[3], s), id)
+  redis.call('ZADD', st(f[3], 'held'), f[4], id)
+  return 'held'
+end
 redis.call('HSET', ev(id), 's', 'in_flight')
 redis.call('ZADD', P .. ':lease', now + lease, id)
 redis.call('ZREM', st(f[3], s), id)
 redis.call('ZADD', st(f[3], 'in_flight'), f[4], id)
 return {f[3], f[4], redis.call('GET', rq(id))}
 """
+)
 
 # ARGV: prefix, queue, id, n, now, outcome (delivered|dead|retrying), attempt record,
 #       due ms, arq job bytes, retention ms of a terminal event,
-#       "1" when only an expired lease may be finished (the reconciler).
-# Returns 1, or 0 when attempt n is no longer the one in flight (nothing is changed).
-FINISH = _PRELUDE + """
+#       "1" when only an expired lease may be finished (the reconciler),
+#       health: "S" a success, "F" a failure that counts, "-" neither (a lost worker),
+#       failure threshold, last error, first probe cool-down s,
+#       where a retry waits: "retrying" (scheduled) or "held" (a drained event keeps its place).
+# Counts the integration's consecutive failures, and pauses it at the threshold. A retry of a
+# paused integration is held instead of scheduled. Returns 0 when attempt n is no longer the one in
+# flight (nothing is changed), else {1, final state, consecutive failures, signals...}, the
+# signals being warn50, warn90 and paused (each once per episode).
+FINISH = (
+    _PRELUDE
+    + """
 local queue, id, n, now, outcome = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 if f[1] ~= 'in_flight' or f[2] ~= n then return 0 end
@@ -167,25 +219,131 @@ if ARGV[11] == '1' then
   local lease = redis.call('ZSCORE', P .. ':lease', id)
   if lease and tonumber(lease) > now then return 0 end
 end
+local ik = int(f[3])
+local out = {1, outcome, 0}
+if ARGV[12] == 'S' then
+  redis.call('HSET', ik, 'fails', 0, 'last_success_ms', now)
+  redis.call('HDEL', ik, 'w50', 'w90')
+elseif ARGV[12] == 'F' then
+  local fails = redis.call('HINCRBY', ik, 'fails', 1)
+  out[3] = fails
+  redis.call('HSET', ik, 'last_error', ARGV[14], 'last_failure_ms', now)
+  local threshold = tonumber(ARGV[13])
+  if fails * 2 >= threshold and redis.call('HSETNX', ik, 'w50', 1) == 1 then out[#out + 1] = 'warn50' end
+  if fails * 10 >= threshold * 9 and redis.call('HSETNX', ik, 'w90', 1) == 1 then out[#out + 1] = 'warn90' end
+  if fails >= threshold and redis.call('HGET', ik, 'state') ~= 'paused' then
+    local cooldown = tonumber(ARGV[15])
+    redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', 0,
+               'cooldown_s', cooldown, 'probe_ms', now + cooldown * 1000)
+    out[#out + 1] = 'paused'
+  end
+end
+if outcome == 'retrying' and (ARGV[16] == 'held' or redis.call('HGET', ik, 'state') == 'paused') then
+  outcome = 'held'
+  out[2] = outcome
+end
 redis.call('RPUSH', at(id), ARGV[7])
 redis.call('ZREM', P .. ':lease', id)
 redis.call('ZREM', st(f[3], 'in_flight'), id)
 redis.call('ZADD', st(f[3], outcome), f[4], id)
+local nn = tostring(tonumber(n) + 1)
 if outcome == 'retrying' then
   local due = ARGV[8]
-  local nn = tostring(tonumber(n) + 1)
   redis.call('HSET', ev(id), 's', 'retrying', 'n', nn, 'd', due)
   local jid = id .. ':' .. nn
   redis.call('SET', job(jid), ARGV[9])
   redis.call('ZADD', queue, due, jid)
+elseif outcome == 'held' then
+  redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
 else
   redis.call('HSET', ev(id), 's', outcome, 'd', now)
   redis.call('PEXPIRE', ev(id), ARGV[10])
   redis.call('PEXPIRE', rq(id), ARGV[10])
   redis.call('PEXPIRE', at(id), ARGV[10])
 end
+return out
+"""
+)
+
+# ARGV: prefix, integration, count, now, lease ms, "1" for a probe.
+# Moves the oldest held events (up to count; one for a probe) to in_flight, in arrival order, under
+# a lease like any attempt. A drain needs the integration active; a probe needs it paused (not by
+# hand) and its probe due, and moves the next probe one lease later so no other worker probes too.
+# Returns a flat list of id, attempt, received ms, request blob.
+TAKE_HELD = (
+    _PRELUDE
+    + """
+local integ, count, now, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local ik = int(integ)
+local h = redis.call('HMGET', ik, 'state', 'manual', 'probe_ms')
+if ARGV[6] == '1' then
+  if h[1] ~= 'paused' or h[2] == '1' or tonumber(h[3] or 0) > now then return {} end
+  count = 1
+  redis.call('HSET', ik, 'probe_ms', now + lease)
+elseif h[1] == 'paused' then
+  return {}
+end
+local ids = redis.call('ZRANGE', st(integ, 'held'), 0, count - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', ev(id), 's', 'n', 't')
+  if f[1] == 'held' then
+    redis.call('HSET', ev(id), 's', 'in_flight')
+    redis.call('ZREM', st(integ, 'held'), id)
+    redis.call('ZADD', st(integ, 'in_flight'), f[3], id)
+    redis.call('ZADD', P .. ':lease', now + lease, id)
+    out[#out + 1] = id
+    out[#out + 1] = f[2]
+    out[#out + 1] = f[3]
+    out[#out + 1] = redis.call('GET', rq(id))
+  else
+    redis.call('ZREM', st(integ, 'held'), id)
+  end
+end
+return out
+"""
+)
+
+# ARGV: prefix, integration, then pairs of id, attempt. Puts events that TAKE_HELD took but that
+# were never sent back where they were, held, with no attempt counted.
+RETURN_HELD = (
+    _PRELUDE
+    + """
+local integ = ARGV[2]
+for k = 3, #ARGV, 2 do
+  local id = ARGV[k]
+  local f = redis.call('HMGET', ev(id), 's', 'n', 't')
+  if f[1] == 'in_flight' and f[2] == ARGV[k + 1] then
+    redis.call('HSET', ev(id), 's', 'held')
+    redis.call('ZREM', P .. ':lease', id)
+    redis.call('ZREM', st(integ, 'in_flight'), id)
+    redis.call('ZADD', st(integ, 'held'), f[3], id)
+  end
+end
 return 1
 """
+)
+
+# ARGV: prefix, integration, now, "pause" or "resume", "1" if by hand.
+# Returns {previous state, held count}. A resume clears the failure count and the episode; the
+# held events then drain, oldest first.
+SET_STATE = (
+    _PRELUDE
+    + """
+local integ, now = ARGV[2], ARGV[3]
+local ik = int(integ)
+local before = redis.call('HGET', ik, 'state') or 'active'
+if ARGV[4] == 'pause' then
+  if before ~= 'paused' or ARGV[5] == '1' then
+    redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', ARGV[5])
+  end
+else
+  redis.call('HSET', ik, 'state', 'active', 'fails', 0)
+  redis.call('HDEL', ik, 'w50', 'w90', 'manual', 'probe_ms', 'cooldown_s', 'paused_ms')
+end
+return {before, redis.call('ZCARD', st(integ, 'held'))}
+"""
+)
 
 # ARGV: prefix, integration, state (pending|retrying), offset, page size, received cutoff ms,
 #       stale lock ms. Walks one page of that state index and returns, as a flat list of
@@ -193,7 +351,9 @@ return 1
 #       less than `stale lock ms` left on it (a worker that took the job that long ago and never
 #       claimed the attempt has died or lost Redis, and arq would keep it locked for the rest of the
 #       job timeout + 10 s), and last the number of ids walked (fewer than a page: the end).
-ORPHANS = _PRELUDE + """
+ORPHANS = (
+    _PRELUDE
+    + """
 local offset, size = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cutoff, stale = tonumber(ARGV[6]), tonumber(ARGV[7])
 local ids = redis.call('ZRANGE', st(ARGV[2], ARGV[3]), offset, offset + size - 1, 'WITHSCORES')
@@ -216,12 +376,15 @@ end
 out[#out + 1] = #ids / 2
 return out
 """
+)
 
 # ARGV: prefix, queue, id, n, due, arq job bytes, stale lock ms (as in ORPHANS).
 # Re-creates the arq job of a due event when it is missing or its lock is stale; returns 1 when it
 # did. Taking a stale lock is safe even if its worker is only slow: CLAIM is fenced, so at most one
 # of the two runs of the job sends the attempt.
-REENQUEUE = _PRELUDE + """
+REENQUEUE = (
+    _PRELUDE
+    + """
 local queue, id, n = ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', ev(id), 's', 'n')
 if (f[1] ~= 'pending' and f[1] ~= 'retrying') or f[2] ~= n then return 0 end
@@ -237,3 +400,4 @@ redis.call('SET', job(jid), ARGV[6])
 redis.call('ZADD', queue, ARGV[5], jid)
 return 1
 """
+)

@@ -58,6 +58,10 @@ class Integration(_Model):
     mode: Literal["relay", "proxy"] = "relay"
     timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     failure_threshold: Annotated[int, Field(ge=1)] = 100
+    probe: bool = True  # while paused, send one held event after each cool-down; success resumes
+    probe_cooldown_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    probe_cooldown_max_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 900.0
+    drain_rate_per_s: Annotated[float, Field(gt=0, le=100000)] = 100.0
     inbound_token: SecretStr | None = None
     signing_secrets: list[SecretStr] = []
     headers: dict[str, SecretStr] = {}
@@ -69,6 +73,17 @@ class Integration(_Model):
         if mode == "proxy":
             raise ValueError('proxy mode is not available in this version; use mode = "relay"')
         return mode
+
+    @model_validator(mode="after")
+    def _cooldowns(self) -> Integration:
+        if self.probe_cooldown_max_s < self.probe_cooldown_s:
+            raise ValueError("probe_cooldown_max_s must not be smaller than probe_cooldown_s")
+        return self
+
+    @property
+    def internal(self) -> bool:
+        """An alert sink made from [[alerts]]: never paused, never alerted about."""
+        return self.name.startswith("_")
 
     @field_validator("signing_secrets")
     @classmethod
@@ -149,13 +164,37 @@ class Config(_Model):
         return self
 
     def integration(self, name: str) -> Integration | None:
+        """A configured integration, or an alert sink's (named "_alert-N"), by name."""
         return self._by_name.get(name)
+
+    @property
+    def alert_sinks(self) -> list[Integration]:
+        """Each [[alerts]] entry as an internal integration, so alerts are delivered with retries
+        like any event."""
+        return [
+            Integration.model_construct(
+                name=f"_alert-{n}",
+                target=alert.url,
+                mode="relay",
+                timeout_s=10.0,
+                failure_threshold=1 << 30,
+                probe=False,
+                probe_cooldown_s=30.0,
+                probe_cooldown_max_s=900.0,
+                drain_rate_per_s=100.0,
+                inbound_token=None,
+                signing_secrets=[],
+                headers={},
+                retry=RetryPolicy(max_attempts=10, backoff_base_s=1, backoff_max_s=300, max_age_s=86400),
+            )
+            for n, alert in enumerate(self.alerts)
+        ]
 
     @property
     def _by_name(self) -> dict[str, Integration]:
         cached: dict[str, Integration] | None = self.__dict__.get("_by_name_cache")
         if cached is None:
-            cached = {i.name: i for i in self.integrations}
+            cached = {i.name: i for i in [*self.integrations, *self.alert_sinks]}
             self.__dict__["_by_name_cache"] = cached
         return cached
 
@@ -224,6 +263,8 @@ class Settings:
     config_path: str
     redis_url: str
     key_prefix: str
+    public_url: str = "http://127.0.0.1:8000"
+    admin_token: SecretStr | None = None
 
     @classmethod
     def from_env(cls, config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -235,4 +276,8 @@ class Settings:
         prefix = env.get("GATEWAY_KEY_PREFIX") or "gw"
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", prefix):
             raise ConfigError("GATEWAY_KEY_PREFIX", "", "use 1-32 letters, digits, '_', '.' or '-'")
-        return cls(load_config(path, env), path, redis_url, prefix)
+        token = env.get("GATEWAY_ADMIN_TOKEN")
+        public_url = (env.get("GATEWAY_URL") or "http://127.0.0.1:8000").rstrip("/")
+        return cls(
+            load_config(path, env), path, redis_url, prefix, public_url, SecretStr(token) if token else None
+        )

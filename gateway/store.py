@@ -51,6 +51,32 @@ class NewEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """What an attempt says about its integration's health, and the limits that apply."""
+
+    code: str  # "S" success, "F" a failure that counts, "-" neither
+    threshold: int = 1 << 30
+    last_error: str = ""
+    cooldown_s: float = 30.0
+
+
+NOT_COUNTED = Health("-")
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    state: EventState
+    consecutive_failures: int
+    signals: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, got: Any) -> Finished | None:
+        if not got:
+            return None
+        return cls(EventState(got[1].decode()), int(got[2]), tuple(x.decode() for x in got[3:]))
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
     integration: str
     received_ms: int
@@ -66,6 +92,9 @@ class Store:
         self._finish = redis.register_script(keys.FINISH)
         self._orphans = redis.register_script(keys.ORPHANS)
         self._reenqueue = redis.register_script(keys.REENQUEUE)
+        self._take_held = redis.register_script(keys.TAKE_HELD)
+        self._return_held = redis.register_script(keys.RETURN_HELD)
+        self._set_state = redis.register_script(keys.SET_STATE)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events and their first delivery job; returns (id, is_repeat) for each."""
@@ -96,7 +125,7 @@ class Store:
 
     async def claim(self, event_id: str, attempt: int, lease_ms: int) -> Claimed | None:
         got = await self._claim(args=[self.keys.prefix, event_id, attempt, now_ms(), lease_ms])
-        if not got:
+        if not got or got == b"held":
             return None
         integration, received, blob = got
         return Claimed(integration.decode(), int(received), blob)
@@ -108,14 +137,18 @@ class Store:
         integration: str,
         outcome: EventState,
         record: AttemptRecord,
+        health: Health,
         *,
         due_ms: int = 0,
         keep_ms: int = 0,
         only_if_lease_expired: bool = False,
-    ) -> bool:
+        retry_state: EventState = EventState.RETRYING,
+        client: Any = None,
+    ) -> Finished | None:
+        """Records attempt n and moves the event on, atomically; None when n is no longer in flight."""
         now = now_ms()
         job = job_payload(event_id, attempt + 1, integration, now) if outcome is EventState.RETRYING else b""
-        done = await self._finish(
+        got = await self._finish(
             args=[
                 self.keys.prefix,
                 self.keys.queue,
@@ -128,9 +161,57 @@ class Store:
                 job,
                 max(keep_ms, 1),
                 "1" if only_if_lease_expired else "0",
-            ]
+                health.code,
+                health.threshold,
+                health.last_error[:200],
+                health.cooldown_s,
+                retry_state.value,
+            ],
+            client=client,
         )
-        return bool(done)
+        return Finished.parse(got)
+
+    async def take_held(
+        self, integration: str, count: int, lease_ms: int, *, probe: bool
+    ) -> list[tuple[str, int, int, bytes]]:
+        """The oldest held events, moved to in_flight: (id, attempt, received ms, request blob)."""
+        flat = await self._take_held(
+            args=[self.keys.prefix, integration, count, now_ms(), lease_ms, "1" if probe else "0"]
+        )
+        return [
+            (flat[i].decode(), int(flat[i + 1]), int(flat[i + 2]), flat[i + 3])
+            for i in range(0, len(flat), 4)
+        ]
+
+    async def return_held(self, integration: str, taken: Sequence[tuple[str, int]]) -> None:
+        if taken:
+            args: list[str | int] = [self.keys.prefix, integration]
+            for event_id, attempt in taken:
+                args += (event_id, attempt)
+            await self._return_held(args=args)
+
+    async def set_state(self, integration: str, action: str, *, manual: bool) -> tuple[str, int]:
+        """Pauses or resumes an integration; returns (state before, held events)."""
+        before, held = await self._set_state(
+            args=[self.keys.prefix, integration, now_ms(), action, "1" if manual else "0"]
+        )
+        return before.decode(), int(held)
+
+    async def health(self, integration: str) -> dict[str, Any]:
+        """The integration's health hash, decoded, with the number of held events."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.integration(integration))
+            pipe.zcard(self.keys.state_index(integration, EventState.HELD))
+            fields, held = await pipe.execute()
+        out: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
+        out["held"] = int(held)
+        return out
+
+    async def probe_failed(self, integration: str, cooldown_s: float) -> None:
+        await self.redis.hset(  # type: ignore[misc]
+            self.keys.integration(integration),
+            mapping={"cooldown_s": cooldown_s, "probe_ms": now_ms() + int(cooldown_s * 1000)},
+        )
 
     async def expired_leases(self, limit: int = 100) -> list[str]:
         ids = await self.redis.zrangebyscore(self.keys.lease, "-inf", now_ms(), start=0, num=limit)

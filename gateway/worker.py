@@ -28,10 +28,12 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import signing
+from gateway.alerts import SIGNALS, Alerts
 from gateway.delivery import AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
+from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.settings import Integration, RetryPolicy, Settings
-from gateway.store import DELIVER_JOB, Store
+from gateway.store import DELIVER_JOB, NOT_COUNTED, Finished, Health, Store
 
 log = logging.getLogger("gateway.worker")
 
@@ -42,6 +44,8 @@ VERDICT_STATE = {
 }
 DAY_MS = 86_400_000
 ORPHAN_GRACE_MS = 2000
+# A worker that died, or a config that lost the integration, says nothing about the endpoint.
+NOT_THE_ENDPOINT = frozenset({ErrorKind.LEASE_EXPIRED, ErrorKind.UNKNOWN_INTEGRATION})
 ORPHAN_PAGE = 200
 
 
@@ -61,10 +65,13 @@ def upstream_headers(
 
 
 class Deliverer:
-    def __init__(self, settings: Settings, store: Store, sender: Sender) -> None:
+    """Sends attempts and records them: the one path for arq jobs, drains and probes."""
+
+    def __init__(self, settings: Settings, store: Store, sender: Sender, alerts: Alerts) -> None:
         self._config = settings.config
         self._store = store
         self._sender = sender
+        self._alerts = alerts
         self._margin_ms = int(settings.config.worker.lease_margin_s * 1000)
         retention = settings.config.retention
         self._keep_ms = {
@@ -77,26 +84,60 @@ class Deliverer:
         return int(timeout_s * 1000) + self._margin_ms
 
     async def deliver(self, ctx: dict[str, Any], event_id: str, attempt: int, name: str) -> str:
+        """The arq job: attempt n of an event, if it is still the one due."""
         integration = self._config.integration(name)
         claimed = await self._store.claim(event_id, attempt, self.lease_ms(integration))
         if claimed is None:
-            return "stale"
-        request = StoredRequest.unpack(claimed.request_blob)
+            return "stale or held"
         started_ms = now_ms()
+        result, verdict, wait_s = await self.attempt(
+            event_id, attempt, name, claimed.received_ms, claimed.request_blob
+        )
+        await self.record(event_id, attempt, name, result, verdict, wait_s, started_ms)
+        return verdict.value
+
+    async def attempt(
+        self, event_id: str, attempt: int, name: str, received_ms: int, blob: bytes
+    ) -> tuple[Result, Verdict, float]:
+        """Sends one claimed attempt; returns its result, the verdict and the wait before a retry."""
+        integration = self._config.integration(name)
         if integration is None:
             result = Result(
                 None, ErrorKind.UNKNOWN_INTEGRATION, f"no integration {name!r} in the config", 0.0
             )
             policy = RetryPolicy()
         else:
+            request = StoredRequest.unpack(blob)
             headers = upstream_headers(request.headers, integration, event_id, request.body)
             result = await self._sender.send(
                 request.method, request.url, headers, request.body, integration.timeout_s
             )
             policy = integration.retry
-        verdict, wait_s = decide(result, policy, attempt, (now_ms() - claimed.received_ms) / 1000)
-        await self.record(event_id, attempt, claimed.integration, result, verdict, wait_s, started_ms)
-        return verdict.value
+        verdict, wait_s = decide(result, policy, attempt, (now_ms() - received_ms) / 1000)
+        return result, verdict, wait_s
+
+    def health(self, name: str, result: Result) -> Health:
+        integration = self._config.integration(name)
+        if integration is None or integration.internal or result.error in NOT_THE_ENDPOINT:
+            return NOT_COUNTED
+        if result.ok:
+            return Health("S")
+        error = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
+        return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
+
+    def attempt_record(
+        self, attempt: int, result: Result, state: EventState, started_ms: int
+    ) -> AttemptRecord:
+        return AttemptRecord(
+            n=attempt,
+            at_ms=started_ms,
+            latency_ms=result.latency_ms,
+            status=result.status,
+            error=result.error.value if result.error else None,
+            detail=result.detail,
+            outcome=state.value,
+            body=result.body.decode("utf-8", "replace"),
+        )
 
     async def record(
         self,
@@ -109,29 +150,24 @@ class Deliverer:
         started_ms: int,
         *,
         only_if_lease_expired: bool = False,
-    ) -> bool:
+        retry_state: EventState = EventState.RETRYING,
+    ) -> Finished | None:
         state = VERDICT_STATE[verdict]
-        record = AttemptRecord(
-            n=attempt,
-            at_ms=started_ms,
-            latency_ms=result.latency_ms,
-            status=result.status,
-            error=result.error.value if result.error else None,
-            detail=result.detail,
-            outcome=state.value,
-            body=result.body.decode("utf-8", "replace"),
-        )
-        if verdict is Verdict.RETRY:
+        record = self.attempt_record(attempt, result, state, started_ms)
+        if verdict is Verdict.RETRY and retry_state is EventState.RETRYING:
             record["retry_in_s"] = round(wait_s, 3)
-        done = await self._store.finish(
+        health = self.health(integration, result)
+        finished = await self._store.finish(
             event_id,
             attempt,
             integration,
             state,
             record,
+            health,
             due_ms=now_ms() + int(wait_s * 1000),
             keep_ms=self._keep_ms.get(state, 0),
             only_if_lease_expired=only_if_lease_expired,
+            retry_state=retry_state,
         )
         log.info(
             "event %s attempt %d (%s): %s -> %s",
@@ -139,9 +175,26 @@ class Deliverer:
             attempt,
             integration,
             result.status if result.status is not None else result.error,
-            state.value if done else "ignored (no longer in flight)",
+            finished.state.value if finished else "ignored (no longer in flight)",
         )
-        return done
+        if finished and finished.signals:
+            await self.signal(integration, finished, health)
+        return finished
+
+    async def signal(self, integration: str, finished: Finished, health: Health) -> None:
+        """Alerts for what an attempt's record crossed: 50% or 90% of the threshold, or the pause."""
+        held = (await self._store.health(integration))["held"] if "paused" in finished.signals else 0
+        for signal_name in finished.signals:
+            try:
+                await self._alerts.send(
+                    SIGNALS[signal_name],
+                    integration,
+                    consecutive_failures=finished.consecutive_failures,
+                    last_error=health.last_error,
+                    held=held,
+                )
+            except (RedisError, OSError) as exc:
+                log.error("alert %s for %s could not be stored: %s", signal_name, integration, exc)
 
 
 class Reconciler:
@@ -265,7 +318,8 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
     store = Store(pool, settings.key_prefix)
     sender = Sender(AddressPolicy(config.gateway.allowed_networks), config.worker.concurrency)
     await sender.start()
-    deliverer = Deliverer(settings, store, sender)
+    alerts = Alerts(config, settings.public_url, lambda events: store.accept(events, 86400))
+    deliverer = Deliverer(settings, store, sender, alerts)
     worker = Worker(
         functions=[func(deliverer.deliver, name=DELIVER_JOB, timeout=job_timeout_s(settings), keep_result=0)],
         queue_name=queue,
@@ -283,6 +337,7 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
     reconciler = asyncio.create_task(
         Reconciler(settings, store, deliverer, worker.in_progress_timeout_s).run_forever()
     )
+    drainer = asyncio.create_task(Drainer(settings, store, deliverer, alerts).run_forever())
     log.info(
         "worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency
     )
@@ -290,6 +345,7 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
         await worker.async_run()
     finally:
         reconciler.cancel()
+        drainer.cancel()
         # arq's close() stops waiting at the first job that failed (a lost Redis fails several):
         # let the attempts still sending end before their HTTP session and Redis pool are closed.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)

@@ -1,0 +1,81 @@
+"""Operator commands: `gateway pause NAME`, `gateway resume NAME`, `gateway integrations`.
+
+They call the admin API (GATEWAY_URL, GATEWAY_ADMIN_TOKEN, or --url and --token) and print a
+readable table, or the API's JSON with --json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import click
+import httpx
+import orjson
+
+
+def _fail(message: str) -> None:
+    click.echo(f"gateway: {message}", err=True)
+    sys.exit(1)
+
+
+def call(method: str, path: str, url: str | None, token: str | None) -> Any:
+    base = (url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000").rstrip("/")
+    token = token or os.environ.get("GATEWAY_ADMIN_TOKEN")
+    if not token:
+        _fail("no admin token: set GATEWAY_ADMIN_TOKEN or pass --token")
+    try:
+        response = httpx.request(
+            method, base + path, headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the gateway API at {base} ({type(exc).__name__}: {exc}); is GATEWAY_URL right?")
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.status_code == 401:
+        _fail(f"the API at {base} refused the admin token (check GATEWAY_ADMIN_TOKEN)")
+    if response.status_code >= 400:
+        detail = data.get("detail") if isinstance(data, dict) else response.text[:200]
+        _fail(f"{response.status_code}: {detail}")
+    if data is None:
+        _fail(f"{base} did not answer JSON; is GATEWAY_URL the gateway's API?")
+    return data
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def print_integrations(items: list[dict[str, Any]]) -> None:
+    rows = [["NAME", "MODE", "STATE", "FAILURES", "HELD", "LAST ERROR"]]
+    for i in items:
+        state = i["state"] + (f" ({i['paused_by']})" if i.get("paused_by") else "")
+        failures = f"{i['consecutive_failures']}/{i['failure_threshold']}"
+        rows.append([i["name"], i["mode"], state, failures, str(i["held"]), i.get("last_error") or "-"])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def output(data: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    elif "items" in data:
+        print_integrations(data["items"])
+    else:
+        print_integrations([data])
+        if data.get("state") == "paused" and data.get("next_probe_ms"):
+            click.echo(f"next probe: {_when(data['next_probe_ms'])}")
+
+
+def api_options(command: Any) -> Any:
+    command = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")(command)
+    command = click.option("--token", help="Admin token (default: $GATEWAY_ADMIN_TOKEN).")(command)
+    command = click.option("--url", help="The gateway API (default: $GATEWAY_URL or http://127.0.0.1:8000).")(
+        command
+    )
+    return command

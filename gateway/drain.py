@@ -1,0 +1,167 @@
+"""Draining held events after a resume, and probing a paused integration.
+
+Held events of one integration are sent by one worker at a time (a lock in Redis), oldest first,
+one after the other, at no more than the integration's `drain_rate_per_s`: the endpoint that just
+came back gets them in arrival order and at a bounded rate, never all at once. New events wait
+behind them (ACCEPT holds them while any are held). A drained event that fails goes back to its
+place and the drain waits a backoff; enough failures pause the integration again.
+
+While an integration is paused (not by hand, and with `probe` on), one held event is sent as a
+probe each cool-down; success resumes the integration, failure doubles the cool-down up to
+`probe_cooldown_max_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from gateway.alerts import AlertKind, Alerts
+from gateway.delivery import Verdict, backoff_s
+from gateway.events import EventState, now_ms
+from gateway.settings import Integration, Settings
+from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.worker import Deliverer
+
+log = logging.getLogger("gateway.drain")
+
+CHECK_INTERVAL_S = 0.05
+MAX_BATCH = 64
+
+
+class Drainer:
+    def __init__(self, settings: Settings, store: Store, deliverer: Deliverer, alerts: Alerts) -> None:
+        self._integrations = [i for i in settings.config.integrations if not i.internal]
+        self._store = store
+        self._deliverer = deliverer
+        self._alerts = alerts
+        self._owner = f"{os.getpid()}-{id(self)}"
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, int] = {}
+
+    async def run_forever(self) -> None:
+        try:
+            while True:
+                try:
+                    await self.run_once()
+                except (RedisError, OSError) as exc:
+                    log.warning("drainer: Redis unavailable (%s); trying again", exc)
+                await asyncio.sleep(CHECK_INTERVAL_S)
+        finally:
+            for task in self._running.values():
+                task.cancel()
+
+    async def run_once(self) -> None:
+        """Starts a drain or probe task for each integration that has held events and may send."""
+        if not self._integrations:
+            return
+        async with self._store.redis.pipeline(transaction=False) as pipe:
+            for integration in self._integrations:
+                pipe.hmget(self._store.keys.integration(integration.name), ["state", "manual", "probe_ms"])
+                pipe.zcard(self._store.keys.state_index(integration.name, EventState.HELD))
+            replies = await pipe.execute()
+        now = now_ms()
+        for integration, (health, held) in zip(
+            self._integrations, zip(replies[::2], replies[1::2], strict=True), strict=True
+        ):
+            state, manual, probe_ms = health
+            if not held or integration.name in self._running:
+                continue
+            paused = state == b"paused"
+            if paused and (manual == b"1" or not integration.probe or int(probe_ms or 0) > now):
+                continue
+            task = asyncio.create_task(self._locked(integration, probe=paused))
+            self._running[integration.name] = task
+            task.add_done_callback(self._forget(integration.name))
+
+    def _forget(self, name: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(task: asyncio.Task[None]) -> None:
+            self._running.pop(name, None)
+
+        return forget
+
+    async def _locked(self, integration: Integration, *, probe: bool) -> None:
+        lock = self._store.keys.drain_lock(integration.name)
+        lock_ms = self._deliverer.lease_ms(integration) + 5000
+        if not await self._store.redis.set(lock, self._owner, nx=True, px=lock_ms):
+            return
+        try:
+            if probe and not await self._probe(integration):
+                return
+            await self._drain(integration, lock, lock_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("drain of %s stopped: Redis unavailable (%s)", integration.name, exc)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                if await self._store.redis.get(lock) == self._owner.encode():
+                    await self._store.redis.delete(lock)
+
+    async def _probe(self, integration: Integration) -> bool:
+        """Sends the oldest held event; True when it was delivered and the integration resumed."""
+        name = integration.name
+        taken = await self._store.take_held(name, 1, self._deliverer.lease_ms(integration), probe=True)
+        if not taken:
+            return False
+        event_id, attempt, received_ms, blob = taken[0]
+        started = now_ms()
+        result, verdict, wait_s = await self._deliverer.attempt(event_id, attempt, name, received_ms, blob)
+        await self._deliverer.record(
+            event_id, attempt, name, result, verdict, wait_s, started, retry_state=EventState.HELD
+        )
+        if verdict is Verdict.DELIVERED:
+            before, held = await self._store.set_state(name, "resume", manual=False)
+            if before == "paused":
+                log.info("probe of %s delivered event %s: resuming", name, event_id)
+                await self._alerts.send(
+                    AlertKind.RESUMED, name, consecutive_failures=0, held=held, reason="a probe was delivered"
+                )
+            return True
+        health = await self._store.health(name)
+        cooldown = min(
+            float(health.get("cooldown_s", integration.probe_cooldown_s)) * 2,
+            integration.probe_cooldown_max_s,
+        )
+        await self._store.probe_failed(name, cooldown)
+        log.info(
+            "probe of %s failed (%s); next probe in %.0f s", name, result.status or result.error, cooldown
+        )
+        return False
+
+    async def _drain(self, integration: Integration, lock: str, lock_ms: int) -> None:
+        name = integration.name
+        lease_ms = self._deliverer.lease_ms(integration)
+        batch = max(1, min(MAX_BATCH, int(integration.drain_rate_per_s / 10)))
+        interval_s = batch / integration.drain_rate_per_s
+        while True:
+            started = time.monotonic()
+            taken = await self._store.take_held(name, batch, lease_ms, probe=False)
+            if not taken:
+                return
+            for k, (event_id, attempt, received_ms, blob) in enumerate(taken):
+                at = now_ms()
+                result, verdict, wait_s = await self._deliverer.attempt(
+                    event_id, attempt, name, received_ms, blob
+                )
+                await self._deliverer.record(
+                    event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
+                )
+                if verdict is Verdict.RETRY:
+                    # Keep the order: the rest go back to their places, and the drain waits.
+                    await self._store.return_held(name, [(e, n) for e, n, _, _ in taken[k + 1 :]])
+                    failures = self._failures[name] = self._failures.get(name, 0) + 1
+                    await asyncio.sleep(backoff_s(integration.retry, failures))
+                    break
+                self._failures.pop(name, None)
+            await self._store.redis.pexpire(lock, lock_ms)
+            spare = interval_s - (time.monotonic() - started)
+            if spare > 0:
+                await asyncio.sleep(spare)
