@@ -38,6 +38,11 @@ CHECK_INTERVAL_S = 0.05
 MAX_BATCH = 64
 
 
+def batch_size(integration: Integration) -> int:
+    """Held events taken at once: a tenth of a second's worth at the drain rate, 1 to MAX_BATCH."""
+    return max(1, min(MAX_BATCH, int(integration.drain_rate_per_s / 10)))
+
+
 class Drainer:
     def __init__(self, settings: Settings, store: Store, deliverer: Deliverer, alerts: Alerts) -> None:
         self._integrations = [i for i in settings.config.integrations if not i.internal]
@@ -83,6 +88,13 @@ class Drainer:
             self._running[integration.name] = task
             task.add_done_callback(self._forget(integration.name))
 
+    def _batch_lease_ms(self, integration: Integration) -> int:
+        """The events of a batch are sent one after the other: the last one's lease (and the drain
+        lock) must cover the whole batch, or the reconciler would take it back while it waits."""
+        return self._deliverer.lease_ms(integration) + int(integration.timeout_s * 1000) * (
+            batch_size(integration) - 1
+        )
+
     def _forget(self, name: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(task: asyncio.Task[None]) -> None:
             self._running.pop(name, None)
@@ -91,7 +103,7 @@ class Drainer:
 
     async def _locked(self, integration: Integration, *, probe: bool) -> None:
         lock = self._store.keys.drain_lock(integration.name)
-        lock_ms = self._deliverer.lease_ms(integration) + 5000
+        lock_ms = self._batch_lease_ms(integration) + 5000
         if not await self._store.redis.set(lock, self._owner, nx=True, px=lock_ms):
             return
         try:
@@ -138,29 +150,37 @@ class Drainer:
 
     async def _drain(self, integration: Integration, lock: str, lock_ms: int) -> None:
         name = integration.name
-        lease_ms = self._deliverer.lease_ms(integration)
-        batch = max(1, min(MAX_BATCH, int(integration.drain_rate_per_s / 10)))
+        batch = batch_size(integration)
+        lease_ms = self._batch_lease_ms(integration)
         interval_s = batch / integration.drain_rate_per_s
         while True:
             started = time.monotonic()
             taken = await self._store.take_held(name, batch, lease_ms, probe=False)
             if not taken:
                 return
+            # Sends go one after the other (that is the order the endpoint sees); the record of a
+            # delivered attempt needs no wait, so it runs while the next one is sent.
+            records: list[asyncio.Task[object]] = []
             for k, (event_id, attempt, received_ms, blob) in enumerate(taken):
                 at = now_ms()
                 result, verdict, wait_s = await self._deliverer.attempt(
                     event_id, attempt, name, received_ms, blob
                 )
-                await self._deliverer.record(
+                record = self._deliverer.record(
                     event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
                 )
-                if verdict is Verdict.RETRY:
-                    # Keep the order: the rest go back to their places, and the drain waits.
-                    await self._store.return_held(name, [(e, n) for e, n, _, _ in taken[k + 1 :]])
-                    failures = self._failures[name] = self._failures.get(name, 0) + 1
-                    await asyncio.sleep(backoff_s(integration.retry, failures))
-                    break
-                self._failures.pop(name, None)
+                if verdict is not Verdict.RETRY:
+                    records.append(asyncio.create_task(record))
+                    self._failures.pop(name, None)
+                    continue
+                await asyncio.gather(*records)
+                await record
+                # Keep the order: the rest go back to their places, and the drain waits.
+                await self._store.return_held(name, [(e, n) for e, n, _, _ in taken[k + 1 :]])
+                failures = self._failures[name] = self._failures.get(name, 0) + 1
+                await asyncio.sleep(backoff_s(integration.retry, failures))
+                break
+            await asyncio.gather(*records)
             await self._store.redis.pexpire(lock, lock_ms)
             spare = interval_s - (time.monotonic() - started)
             if spare > 0:
