@@ -38,6 +38,7 @@ class ErrorKind(StrEnum):
     INVALID_URL = "invalid_url"
     HTTP = "http_status"
     LEASE_EXPIRED = "lease_expired"
+    WORKER_STOPPED = "worker_stopped"
     UNKNOWN_INTEGRATION = "unknown_integration"
 
 

@@ -45,7 +45,9 @@ VERDICT_STATE = {
 DAY_MS = 86_400_000
 ORPHAN_GRACE_MS = 2000
 # A worker that died, or a config that lost the integration, says nothing about the endpoint.
-NOT_THE_ENDPOINT = frozenset({ErrorKind.LEASE_EXPIRED, ErrorKind.UNKNOWN_INTEGRATION})
+NOT_THE_ENDPOINT = frozenset(
+    {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION}
+)
 ORPHAN_PAGE = 200
 
 
@@ -90,9 +92,18 @@ class Deliverer:
         if claimed is None:
             return "stale or held"
         started_ms = now_ms()
-        result, verdict, wait_s = await self.attempt(
-            event_id, attempt, name, claimed.received_ms, claimed.request_blob
-        )
+        try:
+            result, verdict, wait_s = await self.attempt(
+                event_id, attempt, name, claimed.received_ms, claimed.request_blob
+            )
+        except asyncio.CancelledError:
+            # The worker is stopping: hand the attempt back now rather than when its lease expires.
+            stopped = Result(None, ErrorKind.WORKER_STOPPED, "the worker stopped during the attempt", 0.0)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self.record(event_id, attempt, name, stopped, Verdict.RETRY, 0.0, started_ms)
+                )
+            raise
         await self.record(event_id, attempt, name, result, verdict, wait_s, started_ms)
         return verdict.value
 

@@ -57,6 +57,31 @@ def test_worker_killed_mid_delivery_is_delivered_again_with_same_id(
         hold.set()
 
 
+def test_worker_stopped_by_sigterm_hands_its_attempt_back(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    hold = threading.Event()
+    upstream.script([Reply(hold=hold), Reply(200)])
+    # A lease far longer than the test: only the hand-back can bring the event back in time.
+    gateway.configure(integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY))
+    first = gateway.start_worker()
+    gateway.start_api()
+    try:
+        event_id = gateway.post("/hooks/crm").json()["id"]
+        upstream.wait_for(1)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=15) == 0
+        record = event_record(rdb, event_id)
+        assert record["s"] == "retrying"
+        assert [(a["error"], a["outcome"]) for a in record["attempts"]] == [("worker_stopped", "retrying")]
+        gateway.start_worker()
+        got = upstream.wait_for(2, timeout=15)
+        assert [r.webhook_id for r in got] == [event_id, event_id]
+        assert attempts_of(rdb, event_id, "delivered")[-1] == (2, 200, None, "delivered")
+    finally:
+        hold.set()
+
+
 def test_job_left_locked_by_a_vanished_worker_is_taken_back(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
