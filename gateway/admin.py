@@ -74,7 +74,9 @@ class Admin:
             "last_failure_ms": _int(health.get("last_failure_ms")),
             "last_success_ms": _int(health.get("last_success_ms")),
             "paused_ms": _int(health.get("paused_ms")) if paused else None,
-            "next_probe_ms": _int(health.get("probe_ms")) if paused and integration.probe else None,
+            "next_probe_ms": _int(health.get("probe_ms"))
+            if paused and integration.probe and health.get("manual") != "1"
+            else None,
         }
 
     async def list_integrations(self, request: Request) -> Response:

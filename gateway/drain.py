@@ -18,8 +18,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -27,7 +27,7 @@ from gateway.alerts import AlertKind, Alerts
 from gateway.delivery import Verdict, backoff_s
 from gateway.events import EventState, now_ms
 from gateway.settings import Integration, Settings
-from gateway.store import Store
+from gateway.store import Finished, Store
 
 if TYPE_CHECKING:
     from gateway.worker import Deliverer
@@ -117,6 +117,24 @@ class Drainer:
                 if await self._store.redis.get(lock) == self._owner.encode():
                     await self._store.redis.delete(lock)
 
+    async def _send(
+        self, name: str, event_id: str, attempt: int, received_ms: int, blob: bytes
+    ) -> tuple[Verdict, Coroutine[Any, Any, Finished | None]]:
+        """Sends a held event; returns the verdict and the (not yet awaited) record of the attempt.
+
+        A held event is never dropped for its retry budget: a failure that a later attempt could
+        fix puts it back in its place, whatever its attempt count or age; only an answer that no
+        retry can change (a 4xx, a blocked address) makes it dead.
+        """
+        at = now_ms()
+        result, verdict, wait_s = await self._deliverer.attempt(event_id, attempt, name, received_ms, blob)
+        if verdict is Verdict.DEAD and result.retryable:
+            verdict = Verdict.RETRY
+        record = self._deliverer.record(
+            event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
+        )
+        return verdict, record
+
     async def _probe(self, integration: Integration) -> bool:
         """Sends the oldest held event; True when it was delivered and the integration resumed."""
         name = integration.name
@@ -124,11 +142,12 @@ class Drainer:
         if not taken:
             return False
         event_id, attempt, received_ms, blob = taken[0]
-        started = now_ms()
-        result, verdict, wait_s = await self._deliverer.attempt(event_id, attempt, name, received_ms, blob)
-        await self._deliverer.record(
-            event_id, attempt, name, result, verdict, wait_s, started, retry_state=EventState.HELD
-        )
+        try:
+            verdict, record = await self._send(name, event_id, attempt, received_ms, blob)
+        except asyncio.CancelledError:
+            await self._hand_back(name, [(event_id, attempt)])
+            raise
+        await record
         if verdict is Verdict.DELIVERED:
             before, held = await self._store.set_state(name, "resume", manual=False)
             if before == "paused":
@@ -143,10 +162,13 @@ class Drainer:
             integration.probe_cooldown_max_s,
         )
         await self._store.probe_failed(name, cooldown)
-        log.info(
-            "probe of %s failed (%s); next probe in %.0f s", name, result.status or result.error, cooldown
-        )
+        log.info("probe of %s failed; next probe in %.1f s", name, cooldown)
         return False
+
+    async def _hand_back(self, name: str, taken: list[tuple[str, int]]) -> None:
+        """Puts events taken but not (or not wholly) sent back in their places, held."""
+        with contextlib.suppress(RedisError, OSError):
+            await asyncio.shield(self._store.return_held(name, taken))
 
     async def _drain(self, integration: Integration, lock: str, lock_ms: int) -> None:
         name = integration.name
@@ -159,28 +181,37 @@ class Drainer:
             if not taken:
                 return
             # Sends go one after the other (that is the order the endpoint sees); the record of a
-            # delivered attempt needs no wait, so it runs while the next one is sent.
-            records: list[asyncio.Task[object]] = []
-            for k, (event_id, attempt, received_ms, blob) in enumerate(taken):
-                at = now_ms()
-                result, verdict, wait_s = await self._deliverer.attempt(
-                    event_id, attempt, name, received_ms, blob
-                )
-                record = self._deliverer.record(
-                    event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
-                )
-                if verdict is not Verdict.RETRY:
-                    records.append(asyncio.create_task(record))
-                    self._failures.pop(name, None)
-                    continue
-                await asyncio.gather(*records)
-                await record
-                # Keep the order: the rest go back to their places, and the drain waits.
-                await self._store.return_held(name, [(e, n) for e, n, _, _ in taken[k + 1 :]])
-                failures = self._failures[name] = self._failures.get(name, 0) + 1
-                await asyncio.sleep(backoff_s(integration.retry, failures))
-                break
-            await asyncio.gather(*records)
+            # delivered attempt needs no wait, so it runs while the next one is sent, and tells
+            # whether the integration was paused meanwhile (by hand, or by failures elsewhere).
+            records: list[asyncio.Task[Finished | None]] = []
+            sent = 0
+            try:
+                for event_id, attempt, received_ms, blob in taken:
+                    if any(r.done() and (f := r.result()) is not None and f.paused for r in records):
+                        break
+                    verdict, record = await self._send(name, event_id, attempt, received_ms, blob)
+                    sent += 1
+                    if verdict is not Verdict.RETRY:
+                        records.append(asyncio.create_task(record))
+                        self._failures.pop(name, None)
+                        continue
+                    await record
+                    failures = self._failures[name] = self._failures.get(name, 0) + 1
+                    await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
+                    await asyncio.gather(*records)
+                    # Keep the order: the rest went back to their places; wait before trying again.
+                    await asyncio.sleep(backoff_s(integration.retry, failures))
+                    break
+                else:
+                    sent = len(taken)
+            except asyncio.CancelledError:
+                # The worker is stopping: what was not sent goes back; the one being sent too.
+                await self._hand_back(name, [(e, n) for e, n, _, _ in taken[max(sent, 0) :]])
+                raise
+            await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
+            results = await asyncio.gather(*records)
+            if any(f is not None and f.paused for f in results):
+                return
             await self._store.redis.pexpire(lock, lock_ms)
             spare = interval_s - (time.monotonic() - started)
             if spare > 0:

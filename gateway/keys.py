@@ -16,9 +16,13 @@ Layout under a prefix P (default "gw"):
                                   (consecutive failed attempts), w50/w90 (warnings sent this
                                   episode), last_error, last_failure_ms, last_success_ms,
                                   paused_ms, manual (paused by hand: no probes), probe_ms (next
-                                  probe), cooldown_s
+                                  probe), cooldown_s, draining (a drain has taken held events and
+                                  has not yet found the held index empty)
     P:drain:{integration}  string the lock of the one worker draining or probing it
-    Held events are the index P:st:{integration}:held, in arrival order (received ms, then id).
+    Held events are the index P:st:{integration}:held, in arrival order: its score is the received
+    ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
+    the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
+    event put back (RETURN_HELD, FINISH) returns to its exact place.
     P:queue                the arq queue; its jobs are `arq:job:{id}:{n}` and carry (id, n,
                            integration) only
 
@@ -114,25 +118,39 @@ local function take()
 end
 -- Writes are grouped across the batch (one MSET, one ZADD per sorted set) because each
 -- redis.call costs more than the work it does for one small key.
-local out, seen, strings, queued, indexed, holds = {}, {}, {}, {}, {}, {}
+local out, seen, strings, queued, indexed, holds, last = {}, {}, {}, {}, {}, {}, {}
 -- An integration holds new events while it is paused, and while it drains what it held (they
--- wait behind the held ones, so arrival order is kept).
+-- wait behind the held ones, so arrival order is kept). The drain takes held events off the held
+-- index before it sends them, so an empty index alone does not mean the drain is over: `draining`
+-- stays set until the drain finds nothing left to take.
 local function holding(integ)
   local h = holds[integ]
   if h == nil then
-    h = redis.call('HGET', int(integ), 'state') == 'paused' or redis.call('ZCARD', st(integ, 'held')) > 0
+    local f = redis.call('HMGET', int(integ), 'state', 'draining')
+    local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
+    h = f[1] == 'paused' or f[2] ~= false or #top > 0
     holds[integ] = h
+    last[integ] = tonumber(top[2] or 0)
   end
   return h
 end
-local function index(integ, state, id)
+-- A held event's score: its received ms, or, when that would not sort it after every event held
+-- before it (several in one millisecond), the last score + 1/1024 (a step that a double keeps
+-- exactly below 2^43 ms, the year 2248). Ids sort by millisecond only, so a tie of scores would
+-- order same-millisecond events at random.
+local function held_score(integ)
+  local score = math.max(tonumber(now), last[integ] + 1 / 1024)
+  last[integ] = score
+  return string.format('%.17g', score)
+end
+local function index(integ, state, id, score)
   local key = st(integ, state)
   local list = indexed[key]
   if not list then
     list = {}
     indexed[key] = list
   end
-  list[#list + 1] = now
+  list[#list + 1] = score
   list[#list + 1] = id
 end
 for k = 1, count do
@@ -154,7 +172,7 @@ for k = 1, count do
     strings[#strings + 1] = blob
     if holding(integ) then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
-      index(integ, 'held', id)
+      index(integ, 'held', id, held_score(integ))
     else
       redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
       local jid = id .. ':1'
@@ -162,7 +180,7 @@ for k = 1, count do
       strings[#strings + 1] = jobdata
       queued[#queued + 1] = now
       queued[#queued + 1] = jid
-      index(integ, 'pending', id)
+      index(integ, 'pending', id, now)
     end
     out[#out + 1] = id
     out[#out + 1] = 0
@@ -177,7 +195,8 @@ return out
 
 # ARGV: prefix, id, n, now, lease ms. Moves a due event to in_flight when attempt n is the
 # current one; returns {integration, received ms, request blob}, nil for a stale job, or "held"
-# when its integration is paused (the event then waits, held, for the resume).
+# when its integration is paused or still draining held events (the event then waits, held, in
+# arrival order).
 CLAIM = (
     _PRELUDE
     + """
@@ -185,7 +204,9 @@ local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 local s = f[1]
 if (s ~= 'pending' and s ~= 'retrying') or f[2] ~= n then return false end
-if redis.call('HGET', int(f[3]), 'state') == 'paused' then
+local h = redis.call('HMGET', int(f[3]), 'state', 'draining')
+if h[1] == 'paused' or h[2] or redis.call('ZCARD', st(f[3], 'held')) > 0 then
+  -- paused, or still draining what it held: this attempt waits its turn among the held
   redis.call('HSET', ev(id), 's', 'held')
   redis.call('ZREM', st(f[3], s), id)
   redis.call('ZADD', st(f[3], 'held'), f[4], id)
@@ -207,8 +228,8 @@ return {f[3], f[4], redis.call('GET', rq(id))}
 #       where a retry waits: "retrying" (scheduled) or "held" (a drained event keeps its place).
 # Counts the integration's consecutive failures, and pauses it at the threshold. A retry of a
 # paused integration is held instead of scheduled. Returns 0 when attempt n is no longer the one in
-# flight (nothing is changed), else {1, final state, consecutive failures, signals...}, the
-# signals being warn50, warn90 and paused (each once per episode).
+# flight (nothing is changed), else {1, final state, consecutive failures, 1 if the integration is
+# now paused, signals...}, the signals being warn50, warn90 and paused (each once per episode).
 FINISH = (
     _PRELUDE
     + """
@@ -220,7 +241,7 @@ if ARGV[11] == '1' then
   if lease and tonumber(lease) > now then return 0 end
 end
 local ik = int(f[3])
-local out = {1, outcome, 0}
+local out = {1, outcome, 0, 0}
 if ARGV[12] == 'S' then
   redis.call('HSET', ik, 'fails', 0, 'last_success_ms', now)
   redis.call('HDEL', ik, 'w50', 'w90')
@@ -238,14 +259,21 @@ elseif ARGV[12] == 'F' then
     out[#out + 1] = 'paused'
   end
 end
-if outcome == 'retrying' and (ARGV[16] == 'held' or redis.call('HGET', ik, 'state') == 'paused') then
+local paused = redis.call('HGET', ik, 'state') == 'paused'
+if paused then out[4] = 1 end
+if outcome == 'retrying' and (ARGV[16] == 'held' or paused) then
   outcome = 'held'
   out[2] = outcome
 end
 redis.call('RPUSH', at(id), ARGV[7])
 redis.call('ZREM', P .. ':lease', id)
+local score = f[4]
+if outcome == 'held' then
+  -- back to its place: TAKE_HELD kept its held score (finer than the received ms) in in_flight
+  score = redis.call('ZSCORE', st(f[3], 'in_flight'), id) or f[4]
+end
 redis.call('ZREM', st(f[3], 'in_flight'), id)
-redis.call('ZADD', st(f[3], outcome), f[4], id)
+redis.call('ZADD', st(f[3], outcome), score, id)
 local nn = tostring(tonumber(n) + 1)
 if outcome == 'retrying' then
   local due = ARGV[8]
@@ -269,6 +297,8 @@ return out
 # Moves the oldest held events (up to count; one for a probe) to in_flight, in arrival order, under
 # a lease like any attempt. A drain needs the integration active; a probe needs it paused (not by
 # hand) and its probe due, and moves the next probe one lease later so no other worker probes too.
+# A drain marks the integration `draining` while it takes events, so that ACCEPT keeps holding new
+# ones while the last batch is still being sent, and clears the mark when nothing is left to take.
 # Returns a flat list of id, attempt, received ms, request blob.
 TAKE_HELD = (
     _PRELUDE
@@ -283,14 +313,16 @@ if ARGV[6] == '1' then
 elseif h[1] == 'paused' then
   return {}
 end
-local ids = redis.call('ZRANGE', st(integ, 'held'), 0, count - 1)
+local ids = redis.call('ZRANGE', st(integ, 'held'), 0, count - 1, 'WITHSCORES')
 local out = {}
-for _, id in ipairs(ids) do
+for k = 1, #ids, 2 do
+  local id = ids[k]
   local f = redis.call('HMGET', ev(id), 's', 'n', 't')
   if f[1] == 'held' then
     redis.call('HSET', ev(id), 's', 'in_flight')
     redis.call('ZREM', st(integ, 'held'), id)
-    redis.call('ZADD', st(integ, 'in_flight'), f[3], id)
+    -- the held score, so that RETURN_HELD and FINISH can put it back in its exact place
+    redis.call('ZADD', st(integ, 'in_flight'), ids[k + 1], id)
     redis.call('ZADD', P .. ':lease', now + lease, id)
     out[#out + 1] = id
     out[#out + 1] = f[2]
@@ -298,6 +330,13 @@ for _, id in ipairs(ids) do
     out[#out + 1] = redis.call('GET', rq(id))
   else
     redis.call('ZREM', st(integ, 'held'), id)
+  end
+end
+if ARGV[6] ~= '1' then
+  if #out > 0 then
+    redis.call('HSET', ik, 'draining', 1)
+  else
+    redis.call('HDEL', ik, 'draining')
   end
 end
 return out
@@ -316,8 +355,9 @@ for k = 3, #ARGV, 2 do
   if f[1] == 'in_flight' and f[2] == ARGV[k + 1] then
     redis.call('HSET', ev(id), 's', 'held')
     redis.call('ZREM', P .. ':lease', id)
+    local score = redis.call('ZSCORE', st(integ, 'in_flight'), id) or f[3]
     redis.call('ZREM', st(integ, 'in_flight'), id)
-    redis.call('ZADD', st(integ, 'held'), f[3], id)
+    redis.call('ZADD', st(integ, 'held'), score, id)
   end
 end
 return 1

@@ -67,13 +67,15 @@ NOT_COUNTED = Health("-")
 class Finished:
     state: EventState
     consecutive_failures: int
+    paused: bool
     signals: tuple[str, ...]
 
     @classmethod
     def parse(cls, got: Any) -> Finished | None:
         if not got:
             return None
-        return cls(EventState(got[1].decode()), int(got[2]), tuple(x.decode() for x in got[3:]))
+        signals = tuple(x.decode() for x in got[4:])
+        return cls(EventState(got[1].decode()), int(got[2]), got[3] == 1, signals)
 
 
 @dataclass(frozen=True, slots=True)
