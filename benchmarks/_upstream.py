@@ -1,10 +1,17 @@
-"""The upstream of benchmarks/http_clients.py: answers 200 `{"ok":true}` to any request.
+"""The upstream of benchmarks/http_clients.py and benchmarks/drain.py: answers 200 `{"ok":true}` to
+any request.
 
 A raw ASGI callable (no framework) on uvicorn with uvloop and httptools, one process: about the
 cheapest Python HTTP/1.1 server there is, so that the clients, not the server, set the pace. The
 benchmark also measures this server alone with wrk, and its CPU use during each client's run.
 
-    python3 benchmarks/_upstream.py --port 8080
+    python3 benchmarks/_upstream.py --port 8080 [--record]
+
+With `--record` it also counts every request and keeps, in arrival order, the `webhook-id` header of
+those that carry one (the gateway sets it on every attempt), and answers `GET /_stats?from=K` with
+`{"requests": total so far (this request not included), "recorded": ids kept so far, "ids": the kept
+ids from the K-th on}`:
+how drain.py checks that each event arrived exactly once, and in order.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import argparse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
 import uvicorn
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 BODY = b'{"ok":true}'
 START = {
@@ -26,17 +35,54 @@ START = {
     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
 }
 END = {"type": "http.response.body", "body": BODY}
+STATS_PATH = "/_stats"
+
+
+async def _read_body(receive: Receive) -> None:
+    more = True
+    while more:  # read the whole request body
+        message = await receive()
+        more = bool(message.get("more_body", False))
 
 
 async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
-    more = True
-    while more:  # read the whole request body
-        message = await receive()
-        more = bool(message.get("more_body", False))
+    await _read_body(receive)
     await send(START)
     await send(END)
+
+
+class RecordingApp:
+    """`app`, plus a request count and the webhook-id of each request, served at /_stats."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.ids: list[bytes] = []
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await _read_body(receive)
+        if scope["method"] == "GET" and scope["path"] == STATS_PATH:
+            await self._stats(scope, send)
+            return
+        self.requests += 1
+        for key, value in scope["headers"]:
+            if key == b"webhook-id":
+                self.ids.append(value)
+                break
+        await send(START)
+        await send(END)
+
+    async def _stats(self, scope: MutableMapping[str, Any], send: Send) -> None:
+        query: bytes = scope["query_string"]
+        start = int(query.removeprefix(b"from=")) if query.startswith(b"from=") else 0
+        ids = [i.decode() for i in self.ids[start:]]
+        body = orjson.dumps({"requests": self.requests, "recorded": len(self.ids), "ids": ids})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def main() -> None:
@@ -44,8 +90,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--record", action="store_true", help="count requests, keep webhook-ids (/_stats)")
     args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", lifespan="off",
+    target: App = RecordingApp() if args.record else app
+    uvicorn.run(target, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, log_level="warning", timeout_graceful_shutdown=2)
 
 

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from gateway.alerts import AlertKind, Alerts
-from gateway.delivery import Verdict, backoff_s
+from gateway.delivery import Result, Verdict, backoff_s
 from gateway.events import EventState, now_ms
 from gateway.settings import Integration, Settings
 from gateway.store import Finished, Store
@@ -36,6 +36,7 @@ log = logging.getLogger("gateway.drain")
 
 CHECK_INTERVAL_S = 0.05
 MAX_BATCH = 64
+RECORD_GROUP = 16  # delivered attempts recorded per round trip during a drain
 
 
 def batch_size(integration: Integration) -> int:
@@ -119,8 +120,8 @@ class Drainer:
 
     async def _send(
         self, name: str, event_id: str, attempt: int, received_ms: int, blob: bytes
-    ) -> tuple[Verdict, Coroutine[Any, Any, Finished | None]]:
-        """Sends a held event; returns the verdict and the (not yet awaited) record of the attempt.
+    ) -> tuple[Result, Verdict, float, int]:
+        """Sends a held event: (result, verdict, wait before a retry, start ms).
 
         A held event is never dropped for its retry budget: a failure that a later attempt could
         fix puts it back in its place, whatever its attempt count or age; only an answer that no
@@ -130,10 +131,7 @@ class Drainer:
         result, verdict, wait_s = await self._deliverer.attempt(event_id, attempt, name, received_ms, blob)
         if verdict is Verdict.DEAD and result.retryable:
             verdict = Verdict.RETRY
-        record = self._deliverer.record(
-            event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
-        )
-        return verdict, record
+        return result, verdict, wait_s, at
 
     async def _probe(self, integration: Integration) -> bool:
         """Sends the oldest held event; True when it was delivered and the integration resumed."""
@@ -143,11 +141,13 @@ class Drainer:
             return False
         event_id, attempt, received_ms, blob = taken[0]
         try:
-            verdict, record = await self._send(name, event_id, attempt, received_ms, blob)
+            result, verdict, wait_s, at = await self._send(name, event_id, attempt, received_ms, blob)
         except asyncio.CancelledError:
             await self._hand_back(name, [(event_id, attempt)])
             raise
-        await record
+        await self._deliverer.record(
+            event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
+        )
         if verdict is Verdict.DELIVERED:
             before, held = await self._store.set_state(name, "resume", manual=False)
             if before == "paused":
@@ -180,36 +180,48 @@ class Drainer:
             taken = await self._store.take_held(name, batch, lease_ms, probe=False)
             if not taken:
                 return
-            # Sends go one after the other (that is the order the endpoint sees); the record of a
-            # delivered attempt needs no wait, so it runs while the next one is sent, and tells
-            # whether the integration was paused meanwhile (by hand, or by failures elsewhere).
-            records: list[asyncio.Task[Finished | None]] = []
+            # Sends go one after the other (that is the order the endpoint sees). Their records go
+            # in groups, one round trip each, while the next sends go on; each group's answer
+            # tells whether the integration was paused meanwhile (by hand, or by failures).
+            groups: list[asyncio.Task[list[Finished | None]]] = []
+            group: list[tuple[str, int, Result, Verdict, int]] = []
             sent = 0
             try:
                 for event_id, attempt, received_ms, blob in taken:
-                    if any(r.done() and (f := r.result()) is not None and f.paused for r in records):
+                    if any(g.done() and any(f is not None and f.paused for f in g.result()) for g in groups):
                         break
-                    verdict, record = await self._send(name, event_id, attempt, received_ms, blob)
+                    result, verdict, wait_s, at = await self._send(name, event_id, attempt, received_ms, blob)
                     sent += 1
                     if verdict is not Verdict.RETRY:
-                        records.append(asyncio.create_task(record))
                         self._failures.pop(name, None)
+                        group.append((event_id, attempt, result, verdict, at))
+                        if len(group) >= RECORD_GROUP:
+                            groups.append(asyncio.create_task(self._deliverer.record_many(name, group)))
+                            group = []
                         continue
-                    await record
+                    await self._deliverer.record(
+                        event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
+                    )
                     failures = self._failures[name] = self._failures.get(name, 0) + 1
                     await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
-                    await asyncio.gather(*records)
+                    if group:
+                        groups.append(asyncio.create_task(self._deliverer.record_many(name, group)))
+                        group = []
+                    await asyncio.gather(*groups)
                     # Keep the order: the rest went back to their places; wait before trying again.
                     await asyncio.sleep(backoff_s(integration.retry, failures))
                     break
-                else:
-                    sent = len(taken)
             except asyncio.CancelledError:
-                # The worker is stopping: what was not sent goes back; the one being sent too.
-                await self._hand_back(name, [(e, n) for e, n, _, _ in taken[max(sent, 0) :]])
+                # The worker is stopping: what was not sent goes back, the one being sent too;
+                # what was sent is recorded.
+                await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
+                if group:
+                    await asyncio.shield(self._deliverer.record_many(name, group))
                 raise
             await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
-            results = await asyncio.gather(*records)
+            if group:
+                groups.append(asyncio.create_task(self._deliverer.record_many(name, group)))
+            results = [f for g in await asyncio.gather(*groups) for f in g]
             if any(f is not None and f.paused for f in results):
                 return
             await self._store.redis.pexpire(lock, lock_ms)

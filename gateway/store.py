@@ -132,6 +132,40 @@ class Store:
         integration, received, blob = got
         return Claimed(integration.decode(), int(received), blob)
 
+    def _finish_args(
+        self,
+        event_id: str,
+        attempt: int,
+        integration: str,
+        outcome: EventState,
+        record: AttemptRecord,
+        health: Health,
+        due_ms: int,
+        keep_ms: int,
+        only_if_lease_expired: bool,
+        retry_state: EventState,
+    ) -> list[str | int | float | bytes]:
+        now = now_ms()
+        job = job_payload(event_id, attempt + 1, integration, now) if outcome is EventState.RETRYING else b""
+        return [
+            self.keys.prefix,
+            self.keys.queue,
+            event_id,
+            attempt,
+            now,
+            outcome.value,
+            orjson.dumps(record),
+            due_ms,
+            job,
+            max(keep_ms, 1),
+            "1" if only_if_lease_expired else "0",
+            health.code,
+            health.threshold,
+            health.last_error[:200],
+            health.cooldown_s,
+            retry_state.value,
+        ]
+
     async def finish(
         self,
         event_id: str,
@@ -145,33 +179,44 @@ class Store:
         keep_ms: int = 0,
         only_if_lease_expired: bool = False,
         retry_state: EventState = EventState.RETRYING,
-        client: Any = None,
     ) -> Finished | None:
         """Records attempt n and moves the event on, atomically; None when n is no longer in flight."""
-        now = now_ms()
-        job = job_payload(event_id, attempt + 1, integration, now) if outcome is EventState.RETRYING else b""
-        got = await self._finish(
-            args=[
-                self.keys.prefix,
-                self.keys.queue,
-                event_id,
-                attempt,
-                now,
-                outcome.value,
-                orjson.dumps(record),
-                due_ms,
-                job,
-                max(keep_ms, 1),
-                "1" if only_if_lease_expired else "0",
-                health.code,
-                health.threshold,
-                health.last_error[:200],
-                health.cooldown_s,
-                retry_state.value,
-            ],
-            client=client,
+        args = self._finish_args(
+            event_id,
+            attempt,
+            integration,
+            outcome,
+            record,
+            health,
+            due_ms,
+            keep_ms,
+            only_if_lease_expired,
+            retry_state,
         )
-        return Finished.parse(got)
+        return Finished.parse(await self._finish(args=args))
+
+    async def finish_many(
+        self, items: Sequence[tuple[str, int, str, EventState, AttemptRecord, Health, int]]
+    ) -> list[Finished | None]:
+        """FINISH for several attempts in one round trip: (id, attempt, integration, outcome, record,
+        health, keep ms) each; every one is still its own atomic script."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event_id, attempt, integration, outcome, record, health, keep_ms in items:
+                args = self._finish_args(
+                    event_id,
+                    attempt,
+                    integration,
+                    outcome,
+                    record,
+                    health,
+                    0,
+                    keep_ms,
+                    False,
+                    EventState.HELD,
+                )
+                await self._finish(args=args, client=pipe)
+            replies = await pipe.execute()
+        return [Finished.parse(got) for got in replies]
 
     async def take_held(
         self, integration: str, count: int, lease_ms: int, *, probe: bool
