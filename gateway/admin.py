@@ -6,7 +6,9 @@ without a configured token the admin API answers 401 to everything.
 
 from __future__ import annotations
 
+import base64
 import hmac
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.alerts import AlertKind, Alerts
-from gateway.errors import NotFound, Unauthorized
+from gateway.errors import Conflict, InvalidParameter, NotFound, Unauthorized
+from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.settings import Integration, Settings
 from gateway.store import Store
 
@@ -41,6 +44,9 @@ class Admin:
             Route("/admin/integrations/{name}", self.get_integration, methods=["GET"]),
             Route("/admin/integrations/{name}/pause", self.pause, methods=["POST"]),
             Route("/admin/integrations/{name}/resume", self.resume, methods=["POST"]),
+            Route("/admin/events", self.list_events, methods=["GET"]),
+            Route("/admin/events/{id}", self.get_event, methods=["GET"]),
+            Route("/admin/events/{id}/replay", self.replay_event, methods=["POST"]),
         ]
 
     def _authorize(self, request: Request) -> None:
@@ -114,3 +120,119 @@ class Admin:
                 reason="by an operator",
             )
         return json_response(await self.describe(integration))
+
+    async def list_events(self, request: Request) -> Response:
+        """Events newest first: ?integration=&state=&since=&until=&limit=&cursor=."""
+        self._authorize(request)
+        q = request.query_params
+        names = [i.name for i in self._config.integrations]
+        if q.get("integration"):
+            if q["integration"] not in names:
+                raise InvalidParameter(f"integration: no integration is named {q['integration']!r}")
+            names = [q["integration"]]
+        states = [s.value for s in EventState]
+        if q.get("state"):
+            if q["state"] not in states:
+                raise InvalidParameter(f"state: must be one of {', '.join(states)}")
+            states = [q["state"]]
+        limit = _bounded_int(q.get("limit"), "limit", 1, MAX_PAGE, default=DEFAULT_PAGE)
+        cursor = _cursor(q.get("cursor"))
+        items, next_cursor = await self._store.list_events(
+            names, states, _time_ms(q.get("since"), "since"), _time_ms(q.get("until"), "until"), limit, cursor
+        )
+        return json_response(
+            {"items": items, "next_cursor": f"{next_cursor[0]!r}_{next_cursor[1]}" if next_cursor else None}
+        )
+
+    async def get_event(self, request: Request) -> Response:
+        """The request as received (credential headers redacted) and every attempt."""
+        self._authorize(request)
+        event = await self._store.event(request.path_params["id"])
+        if event is None:
+            raise NotFound(f"no event has the id {request.path_params['id']!r} (or it has been removed)")
+        blob = event.pop("request_blob")
+        if blob is not None:
+            stored = StoredRequest.unpack(blob)
+            try:
+                body: dict[str, str | None] = {"body": stored.body.decode("utf-8"), "body_base64": None}
+            except UnicodeDecodeError:
+                body = {"body": None, "body_base64": base64.b64encode(stored.body).decode()}
+            event["request"] = {
+                "method": stored.method,
+                "url": stored.url,
+                "headers": [[k, "[redacted]" if k.lower() in REDACTED else v] for k, v in stored.headers],
+                **body,
+            }
+        return json_response(event)
+
+    async def replay_event(self, request: Request) -> Response:
+        """Sends a delivered or dead event again, with the same webhook-id."""
+        self._authorize(request)
+        event_id = request.path_params["id"]
+        event = await self._store.event(event_id)
+        if event is None:
+            raise NotFound(f"no event has the id {event_id!r} (or it has been removed)")
+        record = AttemptRecord(
+            n=event["attempt"] + 1,
+            at_ms=now_ms(),
+            latency_ms=0.0,
+            status=None,
+            error=None,
+            detail="replay requested by an operator",
+            outcome="replay",
+            body="",
+        )
+        state = await self._store.replay(event_id, event["attempt"], event["integration"], record)
+        if state is None:
+            raise Conflict(
+                f"event {event_id} is {event['state']}: only delivered or dead events are replayed"
+            )
+        return json_response({"id": event_id, "state": state, "attempt": event["attempt"] + 1}, 202)
+
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+# Credentials the helpdesk sent: kept for delivery, never shown.
+REDACTED = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token", "idempotency-key"}
+)
+
+
+def _bounded_int(value: str | None, name: str, low: int, high: int, *, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidParameter(f"{name}: must be a whole number") from None
+    if not low <= number <= high:
+        raise InvalidParameter(f"{name}: must be between {low} and {high}")
+    return number
+
+
+def _time_ms(value: str | None, name: str) -> int | None:
+    """Milliseconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)."""
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidParameter(f"{name}: use milliseconds since the epoch or an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _cursor(value: str | None) -> tuple[float, str] | None:
+    if not value:
+        return None
+    score, _, event_id = value.partition("_")
+    try:
+        parsed = float(score)
+    except ValueError:
+        raise InvalidParameter("cursor: pass back the next_cursor of the previous page unchanged") from None
+    if not event_id or not event_id.isalnum():
+        raise InvalidParameter("cursor: pass back the next_cursor of the previous page unchanged")
+    return parsed, event_id

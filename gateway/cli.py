@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import click
 
@@ -126,3 +126,46 @@ def pause(name: str, url: str | None, token: str | None, as_json: bool) -> None:
 def resume(name: str, url: str | None, token: str | None, as_json: bool) -> None:
     """Resume an integration: its held events are delivered in arrival order, at a bounded rate."""
     client.output(client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token), as_json)
+
+
+@main.command()
+@click.option("--integration", help="Only this integration's events.")
+@click.option("--state", type=click.Choice(["pending", "in_flight", "retrying", "held", "delivered", "dead"]))
+@click.option("--since", help="Received at or after: ms since the epoch or an ISO 8601 time.")
+@click.option("--until", help="Received at or before: ms since the epoch or an ISO 8601 time.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--cursor", help="The next_cursor of the previous page.")
+@client.api_options
+def events(
+    integration: str | None,
+    state: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    cursor: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """List events, newest first."""
+    params = {"integration": integration, "state": state, "since": since, "until": until, "cursor": cursor}
+    query = urlencode({"limit": limit, **{k: v for k, v in params.items() if v}})
+    client.output(client.call("GET", f"/admin/events?{query}", url, token), as_json, "events")
+
+
+@main.command()
+@click.argument("event_id")
+@client.api_options
+def event(event_id: str, url: str | None, token: str | None, as_json: bool) -> None:
+    """Show one event: its request and every attempt."""
+    client.output(client.call("GET", f"/admin/events/{quote(event_id)}", url, token), as_json, "event")
+
+
+@main.command()
+@click.argument("event_id")
+@client.api_options
+def replay(event_id: str, url: str | None, token: str | None, as_json: bool) -> None:
+    """Send a delivered or dead event again (same webhook-id)."""
+    client.output(
+        client.call("POST", f"/admin/events/{quote(event_id)}/replay", url, token), as_json, "replay"
+    )

@@ -56,14 +56,64 @@ def print_integrations(items: list[dict[str, Any]]) -> None:
         state = i["state"] + (f" ({i['paused_by']})" if i.get("paused_by") else "")
         failures = f"{i['consecutive_failures']}/{i['failure_threshold']}"
         rows.append([i["name"], i["mode"], state, failures, str(i["held"]), i.get("last_error") or "-"])
+    table(rows)
+
+
+def table(rows: list[list[str]]) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
-def output(data: Any, as_json: bool) -> None:
+def print_events(data: dict[str, Any]) -> None:
+    rows = [["ID", "INTEGRATION", "STATE", "ATTEMPT", "RECEIVED", "UPDATED"]]
+    for e in data["items"]:
+        rows.append(
+            [
+                e["id"],
+                e["integration"],
+                e["state"],
+                str(e["attempt"]),
+                _when(e["received_ms"]),
+                _when(e["updated_ms"]),
+            ]
+        )
+    table(rows)
+    if data.get("next_cursor"):
+        click.echo(f"more: --cursor {data['next_cursor']}")
+
+
+def print_event(data: dict[str, Any]) -> None:
+    click.echo(
+        f"event {data['id']}  {data['integration']}  {data['state']}  received {_when(data['received_ms'])}"
+    )
+    request = data.get("request")
+    if request:
+        click.echo(f"  {request['method']} {request['url']}")
+    rows = [["#", "AT", "STATUS", "ERROR", "LATENCY MS", "OUTCOME"]]
+    for a in data["attempts"]:
+        rows.append(
+            [
+                str(a["n"]),
+                _when(a["at_ms"]),
+                str(a["status"] or "-"),
+                a["error"] or "-",
+                f"{a['latency_ms']:.1f}",
+                a["outcome"],
+            ]
+        )
+    table(rows)
+
+
+def output(data: Any, as_json: bool, kind: str = "integration") -> None:
     if as_json:
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    elif kind == "events":
+        print_events(data)
+    elif kind == "event":
+        print_event(data)
+    elif kind == "replay":
+        click.echo(f"event {data['id']}: attempt {data['attempt']} is {data['state']}")
     elif "items" in data:
         print_integrations(data["items"])
     else:

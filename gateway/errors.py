@@ -5,6 +5,8 @@ GatewayError
  ├── StoreUnavailable       Redis did not answer in time; ingress answers 503
  └── HTTPError              turned into a JSON error answer (see `gateway.app`)
       ├── InternalError     500, a bug: logged with its traceback, never shown to the client
+      ├── InvalidParameter  422, a query parameter the admin API cannot use
+      ├── Conflict          409, e.g. replaying an event that is not delivered or dead
       ├── NotFound          404, e.g. an unknown integration
       ├── Unauthorized      401, a missing or wrong inbound token
       ├── PayloadTooLarge   413, a body over `max_body_bytes`
@@ -45,6 +47,16 @@ class HTTPError(GatewayError):
 class InternalError(HTTPError):
     status_code = 500
     code = "internal_error"
+
+
+class InvalidParameter(HTTPError):
+    status_code = 422
+    code = "invalid_parameter"
+
+
+class Conflict(HTTPError):
+    status_code = 409
+    code = "conflict"
 
 
 class NotFound(HTTPError):

@@ -385,6 +385,39 @@ return {before, redis.call('ZCARD', st(integ, 'held'))}
 """
 )
 
+# ARGV: prefix, queue, id, n, now, arq job bytes of attempt n + 1, attempt record of the replay.
+# Sends a delivered or dead event again through the normal path (same id, so the same webhook-id):
+# attempt n + 1 becomes due now, or waits held if its integration is paused or draining. The
+# event's keys lose their retention expiry. Returns the new state, or false when the event is not
+# delivered or dead (or attempt n is no longer its last).
+REPLAY = (
+    _PRELUDE
+    + """
+local queue, id, n, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
+if (f[1] ~= 'delivered' and f[1] ~= 'dead') or f[2] ~= n then return false end
+local integ = f[3]
+local nn = tostring(tonumber(n) + 1)
+redis.call('PERSIST', ev(id))
+redis.call('PERSIST', rq(id))
+redis.call('PERSIST', at(id))
+redis.call('RPUSH', at(id), ARGV[7])
+redis.call('ZREM', st(integ, f[1]), id)
+local h = redis.call('HMGET', int(integ), 'state', 'draining')
+if h[1] == 'paused' or h[2] or redis.call('ZCARD', st(integ, 'held')) > 0 then
+  redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
+  redis.call('ZADD', st(integ, 'held'), f[4], id)
+  return 'held'
+end
+redis.call('HSET', ev(id), 's', 'pending', 'n', nn, 'd', now)
+redis.call('ZADD', st(integ, 'pending'), f[4], id)
+local jid = id .. ':' .. nn
+redis.call('SET', job(jid), ARGV[6])
+redis.call('ZADD', queue, now, jid)
+return 'pending'
+"""
+)
+
 # ARGV: prefix, integration, state (pending|retrying), offset, page size, received cutoff ms,
 #       stale lock ms. Walks one page of that state index and returns, as a flat list of
 #       id, n, due, the events whose arq job is gone, or is locked by arq's in-progress key with

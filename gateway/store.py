@@ -97,6 +97,7 @@ class Store:
         self._take_held = redis.register_script(keys.TAKE_HELD)
         self._return_held = redis.register_script(keys.RETURN_HELD)
         self._set_state = redis.register_script(keys.SET_STATE)
+        self._replay = redis.register_script(keys.REPLAY)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events and their first delivery job; returns (id, is_repeat) for each."""
@@ -302,11 +303,12 @@ class Store:
         return bool(done)
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
-        """The event's record and its attempts, or None when it does not exist."""
+        """The event's record, its request blob and its attempts, or None when it does not exist."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.event(event_id))
+            pipe.get(self.keys.request(event_id))
             pipe.lrange(self.keys.attempts(event_id), 0, -1)
-            fields, attempts = await pipe.execute()
+            fields, blob, attempts = await pipe.execute()
         if not fields:
             return None
         return {
@@ -315,9 +317,76 @@ class Store:
             "integration": fields[b"i"].decode(),
             "attempt": int(fields[b"n"]),
             "received_ms": int(fields[b"t"]),
-            "due_ms": int(fields[b"d"]),
+            "updated_ms": int(float(fields[b"d"])),
+            "request_blob": blob,
             "attempts": [orjson.loads(a) for a in attempts],
         }
+
+    async def replay(
+        self, event_id: str, attempt: int, integration: str, record: AttemptRecord
+    ) -> str | None:
+        """Sends a delivered or dead event again; returns its new state, or None if it was neither."""
+        job = job_payload(event_id, attempt + 1, integration, now_ms())
+        got = await self._replay(
+            args=[self.keys.prefix, self.keys.queue, event_id, attempt, now_ms(), job, orjson.dumps(record)]
+        )
+        return got.decode() if got else None
+
+    async def list_events(
+        self,
+        integrations: Sequence[str],
+        states: Sequence[str],
+        since_ms: int | None,
+        until_ms: int | None,
+        limit: int,
+        cursor: tuple[float, str] | None,
+    ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """Events newest first from the state indexes, one page: (items, cursor of the next page).
+
+        A page starts strictly after its cursor (received score, id), so events that arrive while
+        an operator pages (they are newer) never shift, repeat or hide the older ones.
+        """
+        low = "-inf" if since_ms is None else since_ms
+        high: float | str = "+inf" if until_ms is None else until_ms
+        keys = [self.keys.state_index(i, s) for i in integrations for s in states]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                if cursor is None:
+                    pipe.zrevrangebyscore(key, high, low, start=0, num=limit + 1, withscores=True)
+                else:
+                    top = cursor[0] if until_ms is None else min(cursor[0], until_ms)
+                    pipe.zrevrangebyscore(key, top, top, withscores=True)
+                    pipe.zrevrangebyscore(key, f"({top!r}", low, start=0, num=limit + 1, withscores=True)
+            replies = await pipe.execute()
+        found: list[tuple[float, str]] = []
+        for reply in replies:
+            found += [(score, member.decode()) for member, score in reply]
+        if cursor is not None:
+            found = [(sc, i) for sc, i in found if sc < cursor[0] or (sc == cursor[0] and i < cursor[1])]
+        found.sort(reverse=True)
+        page = found[:limit]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, event_id in page:
+                pipe.hmget(self.keys.event(event_id), ["s", "n", "i", "t", "d"])
+            details = await pipe.execute()
+        items = []
+        for (_, event_id), (state, attempt, integration, received, updated) in zip(
+            page, details, strict=True
+        ):
+            if state is None:  # removed by retention since the index was read
+                continue
+            items.append(
+                {
+                    "id": event_id,
+                    "integration": integration.decode(),
+                    "state": state.decode(),
+                    "attempt": int(attempt),
+                    "received_ms": int(received),
+                    "updated_ms": int(float(updated)),
+                }
+            )
+        next_cursor = page[-1] if len(found) > limit else None
+        return items, next_cursor
 
     async def ping(self) -> bool:
         try:
