@@ -240,7 +240,8 @@ def main() -> int:
         config = h.directory / "gateway.toml"
         config.write_text(CONFIG)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_LOG_LEVEL="WARNING")
+        env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_LOG_LEVEL="WARNING",
+                   GATEWAY_ADMIN_TOKEN="bench")
 
         gateway_port, hello_port = free_port(), free_port()
         gateway = h.spawn("gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)],

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from gateway.alerts import AlertKind, Alerts
 from gateway.errors import Conflict, InvalidParameter, NotFound, Unauthorized
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
+from gateway.replays import Filter, ReplayJobs
 from gateway.settings import Integration, Settings
 from gateway.store import Store
 
@@ -37,6 +38,7 @@ class Admin:
         self._token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self._store = store
         self._alerts = alerts
+        self._replays = ReplayJobs(settings.config, store)
 
     def routes(self) -> list[Route]:
         return [
@@ -47,6 +49,9 @@ class Admin:
             Route("/admin/events", self.list_events, methods=["GET"]),
             Route("/admin/events/{id}", self.get_event, methods=["GET"]),
             Route("/admin/events/{id}/replay", self.replay_event, methods=["POST"]),
+            Route("/admin/replay", self.start_replay, methods=["POST"]),
+            Route("/admin/replays/{id}", self.get_replay, methods=["GET"]),
+            Route("/admin/replays/{id}/cancel", self.cancel_replay, methods=["POST"]),
         ]
 
     def _authorize(self, request: Request) -> None:
@@ -80,6 +85,7 @@ class Admin:
             "last_failure_ms": _int(health.get("last_failure_ms")),
             "last_success_ms": _int(health.get("last_success_ms")),
             "paused_ms": _int(health.get("paused_ms")) if paused else None,
+            "counts": await self._store.counts(integration.name, now_ms()),
             "next_probe_ms": _int(health.get("probe_ms"))
             if paused and integration.probe and health.get("manual") != "1"
             else None,
@@ -165,6 +171,27 @@ class Admin:
             }
         return json_response(event)
 
+    async def start_replay(self, request: Request) -> Response:
+        """Bulk replay of the events matching a filter (state defaults to dead)."""
+        self._authorize(request)
+        selection = _replay_filter(await _json_body(request), [i.name for i in self._config.integrations])
+        job = await self._replays.start(selection, request.headers.get("idempotency-key"))
+        return json_response(job, 202)
+
+    async def get_replay(self, request: Request) -> Response:
+        self._authorize(request)
+        job = await self._replays.get(request.path_params["id"])
+        if job is None:
+            raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
+        return json_response(job)
+
+    async def cancel_replay(self, request: Request) -> Response:
+        self._authorize(request)
+        job = await self._replays.cancel(request.path_params["id"])
+        if job is None:
+            raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
+        return json_response(job)
+
     async def replay_event(self, request: Request) -> Response:
         """Sends a delivered or dead event again, with the same webhook-id."""
         self._authorize(request)
@@ -236,3 +263,38 @@ def _cursor(value: str | None) -> tuple[float, str] | None:
     if not event_id or not event_id.isalnum():
         raise InvalidParameter("cursor: pass back the next_cursor of the previous page unchanged")
     return parsed, event_id
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidParameter("body: not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidParameter("body: must be a JSON object")
+    return body
+
+
+def _replay_filter(body: dict[str, Any], names: list[str]) -> Filter:
+    unknown = set(body) - {"integration", "state", "since", "until"}
+    if unknown:
+        raise InvalidParameter(f"body: unknown field {sorted(unknown)[0]!r}")
+    for field in ("integration", "state", "since", "until"):
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise InvalidParameter(f"{field}: must be a string")
+    integration = body.get("integration")
+    if integration is not None and integration not in names:
+        raise InvalidParameter(f"integration: no integration is named {integration!r}")
+    state = body.get("state") or "dead"
+    if state not in {s.value for s in EventState}:
+        raise InvalidParameter(f"state: must be one of {', '.join(s.value for s in EventState)}")
+    return Filter(
+        integration,
+        EventState(state),
+        _time_ms(str(body["since"]) if body.get("since") is not None else None, "since"),
+        _time_ms(str(body["until"]) if body.get("until") is not None else None, "until"),
+    )

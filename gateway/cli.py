@@ -60,6 +60,13 @@ def serve(host: str, port: int) -> None:
 
     _logging()
     settings = _settings()
+    if settings.admin_token is None:
+        click.echo(
+            "gateway: GATEWAY_ADMIN_TOKEN is not set; the API will not start with an unprotected admin API "
+            "(set it to a long random string; `gateway dev` makes one for you)",
+            err=True,
+        )
+        sys.exit(2)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -162,10 +169,36 @@ def event(event_id: str, url: str | None, token: str | None, as_json: bool) -> N
 
 
 @main.command()
-@click.argument("event_id")
+@click.argument("event_id", required=False)
+@click.option("--integration", help="Bulk: only this integration's events.")
+@click.option("--state", help="Bulk: events in this state (default dead).")
+@click.option("--since", help="Bulk: received at or after (ms since the epoch or ISO 8601).")
+@click.option("--until", help="Bulk: received at or before.")
+@click.option("--show", "show_id", metavar="REPLAY_ID", help="Show a bulk replay's progress.")
+@click.option("--cancel", "cancel_id", metavar="REPLAY_ID", help="Cancel a bulk replay.")
 @client.api_options
-def replay(event_id: str, url: str | None, token: str | None, as_json: bool) -> None:
-    """Send a delivered or dead event again (same webhook-id)."""
-    client.output(
-        client.call("POST", f"/admin/events/{quote(event_id)}/replay", url, token), as_json, "replay"
-    )
+def replay(
+    event_id: str | None,
+    integration: str | None,
+    state: str | None,
+    since: str | None,
+    until: str | None,
+    show_id: str | None,
+    cancel_id: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Send events again (same webhook-id): one by ID, or every one matching the filters."""
+    if event_id:
+        data = client.call("POST", f"/admin/events/{quote(event_id)}/replay", url, token)
+        client.output(data, as_json, "replay")
+    elif show_id:
+        client.output(client.call("GET", f"/admin/replays/{quote(show_id)}", url, token), as_json, "bulk")
+    elif cancel_id:
+        data = client.call("POST", f"/admin/replays/{quote(cancel_id)}/cancel", url, token)
+        client.output(data, as_json, "bulk")
+    else:
+        body = {"integration": integration, "state": state, "since": since, "until": until}
+        data = client.call("POST", "/admin/replay", url, token, {k: v for k, v in body.items() if v})
+        client.output(data, as_json, "bulk")

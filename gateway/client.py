@@ -21,14 +21,14 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def call(method: str, path: str, url: str | None, token: str | None) -> Any:
+def call(method: str, path: str, url: str | None, token: str | None, body: Any = None) -> Any:
     base = (url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000").rstrip("/")
     token = token or os.environ.get("GATEWAY_ADMIN_TOKEN")
     if not token:
         _fail("no admin token: set GATEWAY_ADMIN_TOKEN or pass --token")
     try:
         response = httpx.request(
-            method, base + path, headers={"authorization": f"Bearer {token}"}, timeout=10
+            method, base + path, headers={"authorization": f"Bearer {token}"}, json=body, timeout=10
         )
     except httpx.HTTPError as exc:
         _fail(f"cannot reach the gateway API at {base} ({type(exc).__name__}: {exc}); is GATEWAY_URL right?")
@@ -112,6 +112,11 @@ def output(data: Any, as_json: bool, kind: str = "integration") -> None:
         print_events(data)
     elif kind == "event":
         print_event(data)
+    elif kind == "bulk":
+        click.echo(
+            f"bulk replay {data['id']}: {data['status']}, {data['matched']} matched, "
+            f"{data['replayed']} replayed, {data['skipped']} skipped"
+        )
     elif kind == "replay":
         click.echo(f"event {data['id']}: attempt {data['attempt']} is {data['state']}")
     elif "items" in data:

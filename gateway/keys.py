@@ -19,6 +19,10 @@ Layout under a prefix P (default "gw"):
                                   probe), cooldown_s, draining (a drain has taken held events and
                                   has not yet found the held index empty)
     P:drain:{integration}  string the lock of the one worker draining or probing it
+    P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
+    P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
+    P:replays              set    the bulk replays still running
+    P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
     Held events are the index P:st:{integration}:held, in arrival order: its score is the received
     ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
     the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
@@ -63,6 +67,19 @@ class Keys:
 
     def drain_lock(self, name: str) -> str:
         return f"{self.prefix}:drain:{name}"
+
+    def replay(self, replay_id: str) -> str:
+        return f"{self.prefix}:replay:{replay_id}"
+
+    def replay_ids(self, replay_id: str) -> str:
+        return f"{self.prefix}:replay:{replay_id}:ids"
+
+    def replay_idempotency(self, key: str) -> str:
+        return f"{self.prefix}:replay-idem:{key}"
+
+    @property
+    def running_replays(self) -> str:
+        return f"{self.prefix}:replays"
 
     def idempotency(self, integration: str, key: str) -> str:
         return f"{self.prefix}:idem:{integration}:{key}"
@@ -382,6 +399,24 @@ else
   redis.call('HDEL', ik, 'w50', 'w90', 'manual', 'probe_ms', 'cooldown_s', 'paused_ms')
 end
 return {before, redis.call('ZCARD', st(integ, 'held'))}
+"""
+)
+
+# ARGV: prefix, index key, cutoff score, limit. Retention: removes from a delivered or dead index
+# the entries received before the cutoff whose event has expired (its keys carry the retention TTL
+# from when it ended); entries of events still kept stay for a later pass. Returns how many went.
+TRIM = (
+    _PRELUDE
+    + """
+local ids = redis.call('ZRANGEBYSCORE', ARGV[2], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
+local gone = 0
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', ev(id)) == 0 then
+    redis.call('ZREM', ARGV[2], id)
+    gone = gone + 1
+  end
+end
+return gone
 """
 )
 

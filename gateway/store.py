@@ -98,6 +98,7 @@ class Store:
         self._return_held = redis.register_script(keys.RETURN_HELD)
         self._set_state = redis.register_script(keys.SET_STATE)
         self._replay = redis.register_script(keys.REPLAY)
+        self._trim = redis.register_script(keys.TRIM)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events and their first delivery job; returns (id, is_repeat) for each."""
@@ -387,6 +388,33 @@ class Store:
             )
         next_cursor = page[-1] if len(found) > limit else None
         return items, next_cursor
+
+    async def trim(self, integration: str, state: EventState, cutoff_ms: int, limit: int = 500) -> int:
+        """Drops index entries of expired events received before the cutoff (retention)."""
+        key = self.keys.state_index(integration, state)
+        return int(await self._trim(args=[self.keys.prefix, key, cutoff_ms, limit]))
+
+    async def counts(self, integration: str, now: int) -> dict[str, int]:
+        """Events of an integration by state (delivered: in the last 24 hours)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state in (
+                EventState.PENDING,
+                EventState.IN_FLIGHT,
+                EventState.RETRYING,
+                EventState.HELD,
+                EventState.DEAD,
+            ):
+                pipe.zcard(self.keys.state_index(integration, state))
+            pipe.zcount(self.keys.state_index(integration, EventState.DELIVERED), now - 86_400_000, "+inf")
+            pending, in_flight, retrying, held, dead, delivered = await pipe.execute()
+        return {
+            "pending": pending,
+            "in_flight": in_flight,
+            "retrying": retrying,
+            "held": held,
+            "dead": dead,
+            "delivered_24h": delivered,
+        }
 
     async def ping(self) -> bool:
         try:

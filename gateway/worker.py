@@ -33,6 +33,7 @@ from gateway.alerts import SIGNALS, Alerts
 from gateway.delivery import AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
 from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
+from gateway.replays import ReplayRunner
 from gateway.settings import Integration, RetryPolicy, Settings
 from gateway.store import DELIVER_JOB, NOT_COUNTED, Finished, Health, Store
 
@@ -50,6 +51,7 @@ NOT_THE_ENDPOINT = frozenset(
     {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION}
 )
 ORPHAN_PAGE = 200
+TRIM_EVERY = 10  # reconciler rounds between two retention passes
 
 
 def upstream_headers(
@@ -259,6 +261,7 @@ class Reconciler:
         self._deliverer = deliverer
         self._interval_s = settings.config.worker.reconcile_interval_s
         self._stale_lock_ms = max(int(lock_s * 1000) - ORPHAN_GRACE_MS, 0)
+        self._next_trim = 0.0
         # Where the walk of each due state index goes on at the next round.
         self._offsets: dict[tuple[str, EventState], int] = {}
 
@@ -289,7 +292,25 @@ class Reconciler:
         for integration in self._config.integrations:
             for state in (EventState.PENDING, EventState.RETRYING):
                 fixed += await self._walk(integration.name, state)
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self._interval_s * TRIM_EVERY
+            await self.trim()
         return fixed
+
+    async def trim(self) -> int:
+        """Retention: drops the index entries of delivered and dead events whose keys expired.
+        Held events are never touched: they carry no expiry and sit in their own index."""
+        retention = self._config.retention
+        now = now_ms()
+        gone = 0
+        for integration in [*self._config.integrations, *self._config.alert_sinks]:
+            gone += await self._store.trim(
+                integration.name, EventState.DELIVERED, now - int(retention.delivered_days * DAY_MS)
+            )
+            gone += await self._store.trim(
+                integration.name, EventState.DEAD, now - int(retention.dead_days * DAY_MS)
+            )
+        return gone
 
     async def _walk(self, name: str, state: EventState) -> int:
         """Checks one page of a due state index for events whose job is lost, and re-creates it."""
@@ -387,6 +408,7 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
         Reconciler(settings, store, deliverer, worker.in_progress_timeout_s).run_forever()
     )
     drainer = asyncio.create_task(Drainer(settings, store, deliverer, alerts).run_forever())
+    replays = asyncio.create_task(ReplayRunner(store).run_forever())
     log.info(
         "worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency
     )
@@ -395,6 +417,7 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
     finally:
         reconciler.cancel()
         drainer.cancel()
+        replays.cancel()
         # arq's close() stops waiting at the first job that failed (a lost Redis fails several):
         # let the attempts still sending end before their HTTP session and Redis pool are closed.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)

@@ -166,7 +166,7 @@ class Gateway:
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
-        self.extra_env: dict[str, str] = {}
+        self.extra_env: dict[str, str] = {"GATEWAY_ADMIN_TOKEN": "test-admin-token"}
 
     def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Gateway:
         head = '[gateway]\nallowed_networks = ["127.0.0.0/8"]\n' + gateway + "\n"

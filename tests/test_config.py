@@ -93,6 +93,15 @@ def test_commands_refuse_bad_config_without_traceback(tmp_path: Path, command: l
     assert "Traceback" not in done.stderr + done.stdout
 
 
+def test_serve_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    done = run_gateway("serve", "--port", "0", config=path)
+    assert done.returncode == 2
+    assert "GATEWAY_ADMIN_TOKEN is not set" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_check_config_accepts_good_file_and_reports_missing_one(tmp_path: Path) -> None:
     path = tmp_path / "good.toml"
     path.write_text(GOOD)

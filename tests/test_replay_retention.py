@@ -1,0 +1,127 @@
+"""Bulk replay (exactly once per request, cancel, idempotency) and retention."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, cast
+
+import httpx
+import redis
+
+from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.upstream import Reply, Upstream
+
+AUTH = {"authorization": "Bearer test-admin-token"}
+
+
+def admin(gateway: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(
+        method, gateway.url + path, headers={**AUTH, **kwargs.pop("headers", {})}, timeout=10, **kwargs
+    )
+
+
+def zcard(rdb: redis.Redis, key: str) -> int:
+    return int(cast(int, rdb.zcard(key)))
+
+
+def post_many(gateway: Gateway, n: int) -> list[str]:
+    async def run() -> list[str]:
+        limits = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+
+            async def one() -> str:
+                async with limits:
+                    answer = await client.post("/hooks/crm", content=b"{}")
+                    return str(answer.json()["id"])
+
+            return await asyncio.gather(*[one() for _ in range(n)])
+
+    return asyncio.run(run())
+
+
+def test_bulk_replay_delivers_each_dead_event_once_per_request(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.script([Reply(400)])
+    gateway.configure(
+        integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
+    ).start()
+    ids = post_many(gateway, 1000)
+    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 1000, timeout=60)
+    upstream.script([Reply(200)])
+
+    key = {"Idempotency-Key": "replay-dead-crm-1"}
+    started = admin(gateway, "POST", "/admin/replay", json={"integration": "crm"}, headers=key)
+    assert started.status_code == 202
+    job = started.json()
+    assert job["matched"] == 1000 and job["status"] in {"running", "done"}
+    again = admin(gateway, "POST", "/admin/replay", json={"integration": "crm"}, headers=key)
+    assert again.json()["id"] == job["id"], "the same Idempotency-Key started a second replay"
+
+    wait_until(lambda: zcard(rdb, "gw:st:crm:delivered") == 1000, timeout=60)
+    final = wait_until(
+        lambda: (j := admin(gateway, "GET", f"/admin/replays/{job['id']}").json())["status"] == "done" and j,
+        timeout=20,
+    )
+    assert final["replayed"] == 1000 and final["skipped"] == 0
+    time.sleep(0.5)
+    per_id = Counter(upstream.ids())
+    assert set(per_id) == set(ids)
+    assert set(per_id.values()) == {2}, "each event: one dead attempt and exactly one replayed delivery"
+
+
+def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.script([Reply(400)])
+    gateway.configure(
+        integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
+    ).start()
+    post_many(gateway, 600)
+    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 600, timeout=60)
+    upstream.script([Reply(200)])
+    job = admin(gateway, "POST", "/admin/replay", json={"state": "dead"}).json()
+    cancelled = admin(gateway, "POST", f"/admin/replays/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    time.sleep(1.5)
+    settled = zcard(rdb, "gw:st:crm:delivered")
+    time.sleep(1.0)
+    assert zcard(rdb, "gw:st:crm:delivered") == settled < 600
+    assert admin(gateway, "GET", f"/admin/replays/{job['id']}").json()["status"] == "cancelled"
+
+    for body in ({"state": "lost"}, {"integration": "nope"}, {"since": "soon"}, {"colour": 1}, [1]):
+        answer = admin(gateway, "POST", "/admin/replay", json=body)
+        assert answer.status_code == 422, body
+        assert answer.json()["error"] == "invalid_parameter"
+    assert admin(gateway, "GET", "/admin/replays/nope").status_code == 404
+    assert admin(gateway, "POST", "/admin/replays/nope/cancel").status_code == 404
+
+
+def test_retention_removes_delivered_events_and_never_held_ones(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    retention = "[retention]\ndelivered_days = 0.00002\ndead_days = 0.00002\n"  # about 1.7 s
+    gateway.configure(integration_toml("crm", upstream.url, probe=False))
+    gateway.config_path.write_text(gateway.config_path.read_text() + retention)
+    gateway.start()
+    delivered = gateway.post("/hooks/crm").json()["id"]
+    wait_until(lambda: event_record(rdb, delivered).get("s") == "delivered")
+    assert admin(gateway, "POST", "/admin/integrations/crm/pause").status_code == 200
+    held = gateway.post("/hooks/crm", b'{"keep":1}').json()["id"]
+
+    # The delivered event's keys expire, then its index entry is trimmed.
+    wait_until(
+        lambda: not rdb.exists(f"gw:ev:{delivered}") and zcard(rdb, "gw:st:crm:delivered") == 0, timeout=20
+    )
+    assert not rdb.exists(f"gw:rq:{delivered}") and not rdb.exists(f"gw:at:{delivered}")
+    assert admin(gateway, "GET", f"/admin/events/{delivered}").status_code == 404
+    # The held one is untouched, and delivered once resumed.
+    assert event_record(rdb, held)["s"] == "held"
+    assert rdb.ttl(f"gw:ev:{held}") == -1 and rdb.ttl(f"gw:rq:{held}") == -1
+    counts = admin(gateway, "GET", "/admin/integrations/crm").json()["counts"]
+    assert counts["held"] == 1 and counts["delivered_24h"] == 0
+    admin(gateway, "POST", "/admin/integrations/crm/resume")
+    (got,) = [r for r in upstream.wait_for(2) if r.webhook_id == held]
+    assert got.body == b'{"keep":1}'
