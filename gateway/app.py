@@ -21,6 +21,7 @@ from gateway.alerts import Alerts
 from gateway.errors import HTTPError
 from gateway.health import Health
 from gateway.ingress import Ingress, error_body
+from gateway.openapi import openapi_endpoint
 from gateway.settings import Settings
 from gateway.store import IngestBatcher, Store, redis_client
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> GatewayApp:
     routes = [
         Route("/healthz", health.live, methods=["GET", "HEAD"]),
         Route("/readyz", health.ready, methods=["GET", "HEAD"]),
+        Route("/admin/openapi.json", openapi_endpoint, methods=["GET"]),
         *admin.routes(),
     ]
     api = Starlette(
