@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -241,7 +242,7 @@ def _time_ms(value: str | None, name: str) -> int | None:
     """Milliseconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)."""
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return int(value)
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -260,7 +261,7 @@ def _cursor(value: str | None) -> tuple[float, str] | None:
         parsed = float(score)
     except ValueError:
         raise InvalidParameter("cursor: pass back the next_cursor of the previous page unchanged") from None
-    if not event_id or not event_id.isalnum():
+    if not math.isfinite(parsed) or not event_id or not (event_id.isascii() and event_id.isalnum()):
         raise InvalidParameter("cursor: pass back the next_cursor of the previous page unchanged")
     return parsed, event_id
 
