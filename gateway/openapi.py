@@ -276,24 +276,22 @@ PATHS: dict[str, Schema] = {
         ),
     },
     "/admin/replay": {
-        "post": {
-            **_operation(
-                "Replay every event that matches a filter, in the background",
-                (202, "the replay job, started", "ReplayJob"),
-                (409, 422),
-                [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "a repeated key answers the job it started",
-                        "schema": STRING,
-                    }
-                ],
-                body="ReplayRequest",
-                body_required=False,
-            ),
-        },
+        "post": _operation(
+            "Replay every event that matches a filter, in the background",
+            (202, "the replay job, started", "ReplayJob"),
+            (409, 422),
+            [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "a repeated key answers the job it started",
+                    "schema": STRING,
+                }
+            ],
+            body="ReplayRequest",
+            body_required=False,
+        ),
     },
     "/admin/replays/{id}": {
         "parameters": [REPLAY],
