@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any, cast
 
 import httpx
+import orjson
 import redis
 
 from tests.conftest import Gateway, event_record, integration_toml, wait_until
@@ -125,3 +129,39 @@ def test_retention_removes_delivered_events_and_never_held_ones(
     admin(gateway, "POST", "/admin/integrations/crm/resume")
     (got,) = [r for r in upstream.wait_for(2) if r.webhook_id == held]
     assert got.body == b'{"keep":1}'
+
+
+def test_cli_bulk_replay_and_clear_errors(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+    upstream.script([Reply(400)])
+    gateway.configure(
+        integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
+    ).start()
+    ids = post_many(gateway, 5)
+    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 5)
+    upstream.script([Reply(200)])
+    env = {**os.environ, "GATEWAY_URL": gateway.url, "GATEWAY_ADMIN_TOKEN": "test-admin-token"}
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    started = cli("replay", "--integration", "crm", "--state", "dead", "--json")
+    assert started.returncode == 0, started.stderr
+    job = orjson.loads(started.stdout)
+    assert job["matched"] == 5
+    wait_until(lambda: zcard(rdb, "gw:st:crm:delivered") == 5)
+    shown = cli("replay", "--show", job["id"])
+    assert shown.returncode == 0 and f"bulk replay {job['id']}: done, 5 matched, 5 replayed" in shown.stdout
+    assert sorted(r.webhook_id for r in upstream.received[5:]) == sorted(ids)
+
+    unreachable = cli("integrations", GATEWAY_URL="http://127.0.0.1:9")
+    assert unreachable.returncode == 1
+    assert "cannot reach the gateway API at http://127.0.0.1:9" in unreachable.stderr
+    refused = cli("events", GATEWAY_ADMIN_TOKEN="wrong")
+    assert refused.returncode == 1 and "refused the admin token" in refused.stderr
+    assert "Traceback" not in unreachable.stderr + refused.stderr
