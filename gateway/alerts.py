@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -16,9 +15,10 @@ import orjson
 
 from gateway.events import StoredRequest, new_event_id
 from gateway.settings import Config
-from gateway.store import NewEvent
+from gateway.store import NewEvent, Store
 
 log = logging.getLogger("gateway.alerts")
+IDEMPOTENCY_TTL_S = 86400
 
 
 class AlertKind(StrEnum):
@@ -29,8 +29,6 @@ class AlertKind(StrEnum):
 
 
 SIGNALS = {"warn50": AlertKind.WARNING_50, "warn90": AlertKind.WARNING_90, "paused": AlertKind.PAUSED}
-
-Submit = Callable[[Sequence[NewEvent]], Awaitable[object]]
 
 
 def message(kind: AlertKind, facts: dict[str, Any]) -> str:
@@ -57,10 +55,10 @@ def message(kind: AlertKind, facts: dict[str, Any]) -> str:
 
 
 class Alerts:
-    def __init__(self, config: Config, public_url: str, submit: Submit) -> None:
+    def __init__(self, config: Config, public_url: str, store: Store) -> None:
         self._config = config
         self._public_url = public_url
-        self._submit = submit
+        self._store = store
 
     async def send(
         self,
@@ -95,4 +93,5 @@ class Alerts:
             request = StoredRequest("POST", str(sink.target), [("content-type", "application/json")], body)
             events.append(NewEvent(new_event_id(), sink.name, "", request.pack()))
         if events:
-            await self._submit(events)
+            await self._store.accept(events, IDEMPOTENCY_TTL_S)
+        await self._store.redis.hincrby(self._store.keys.metric("alerts"), kind.value, 1)  # type: ignore[misc]

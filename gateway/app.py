@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from gateway.alerts import Alerts
 from gateway.errors import HTTPError
 from gateway.health import Health
 from gateway.ingress import Ingress, error_body
+from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
 from gateway.settings import Settings
 from gateway.store import IngestBatcher, Store, redis_client
@@ -76,25 +78,28 @@ def create_app(settings: Settings) -> GatewayApp:
     redis = redis_client(settings.redis_url, timeout_s=config.gateway.store_timeout_s)
     store = Store(redis, settings.key_prefix)
     batcher = IngestBatcher(store, config.gateway.idempotency_ttl_s, config.gateway.store_timeout_s)
-    ingress = Ingress(config, batcher)
+    refusals = Refusals(store)
+    ingress = Ingress(config, batcher, refusals.add)
     health = Health(store, config.gateway.store_timeout_s)
-    alerts = Alerts(
-        config, settings.public_url, lambda events: store.accept(events, config.gateway.idempotency_ttl_s)
-    )
+    alerts = Alerts(config, settings.public_url, store)
+    metrics = Metrics(config, store)
     admin = Admin(settings, store, alerts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("API ready with %d integrations", len(config.integrations))
+        flusher = asyncio.create_task(refusals.flush_forever())
         try:
             yield {"store": store}
         finally:
+            flusher.cancel()
             await redis.aclose()
 
     routes = [
         Route("/healthz", health.live, methods=["GET", "HEAD"]),
         Route("/readyz", health.ready, methods=["GET", "HEAD"]),
         Route("/admin/openapi.json", openapi_endpoint, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
         *admin.routes(),
     ]
     api = Starlette(

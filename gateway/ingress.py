@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import orjson
@@ -63,15 +64,17 @@ def error_body(exc: HTTPError) -> bytes:
 class Ingress:
     """ASGI app for `ANY /hooks/{name}[/{rest}]`."""
 
-    def __init__(self, config: Config, batcher: IngestBatcher) -> None:
+    def __init__(self, config: Config, batcher: IngestBatcher, on_refused: Callable[[int], None]) -> None:
         self._config = config
         self._batcher = batcher
+        self._on_refused = on_refused
         self._max_body = config.gateway.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             event_id, repeat = await self._accept(scope, receive)
         except HTTPError as exc:
+            self._on_refused(exc.status_code)
             await _answer(send, exc.status_code, error_body(exc))
             return
         except Exception:

@@ -22,6 +22,10 @@ Layout under a prefix P (default "gw"):
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
     P:replays              set    the bulk replays still running
+    P:m:accepted           hash   metrics, cluster-wide: integration -> events accepted
+    P:m:attempts           hash   integration|outcome -> finished attempts
+    P:m:latency            hash   integration|bucket -> attempts (latency_sum: integration -> s)
+    P:m:alerts             hash   kind -> alerts sent;  P:m:refused: reason -> inbound refused
     P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
     Held events are the index P:st:{integration}:held, in arrival order: its score is the received
     ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
@@ -67,6 +71,9 @@ class Keys:
 
     def drain_lock(self, name: str) -> str:
         return f"{self.prefix}:drain:{name}"
+
+    def metric(self, name: str) -> str:
+        return f"{self.prefix}:m:{name}"
 
     def replay(self, replay_id: str) -> str:
         return f"{self.prefix}:replay:{replay_id}"
@@ -135,7 +142,7 @@ local function take()
 end
 -- Writes are grouped across the batch (one MSET, one ZADD per sorted set) because each
 -- redis.call costs more than the work it does for one small key.
-local out, seen, strings, queued, indexed, holds, last = {}, {}, {}, {}, {}, {}, {}
+local out, seen, strings, queued, indexed, holds, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
 -- An integration holds new events while it is paused, and while it drains what it held (they
 -- wait behind the held ones, so arrival order is kept). The drain takes held events off the held
 -- index before it sends them, so an empty index alone does not mean the drain is over: `draining`
@@ -187,6 +194,7 @@ for k = 1, count do
   else
     strings[#strings + 1] = rq(id)
     strings[#strings + 1] = blob
+    accepted[integ] = (accepted[integ] or 0) + 1
     if holding(integ) then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
       index(integ, 'held', id, held_score(integ))
@@ -206,6 +214,7 @@ end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
 if #queued > 0 then redis.call('ZADD', queue, unpack(queued)) end
 for key, list in pairs(indexed) do redis.call('ZADD', key, unpack(list)) end
+for integ, n in pairs(accepted) do redis.call('HINCRBY', P .. ':m:accepted', integ, n) end
 return out
 """
 )
@@ -242,7 +251,8 @@ return {f[3], f[4], redis.call('GET', rq(id))}
 #       "1" when only an expired lease may be finished (the reconciler),
 #       health: "S" a success, "F" a failure that counts, "-" neither (a lost worker),
 #       failure threshold, last error, first probe cool-down s,
-#       where a retry waits: "retrying" (scheduled) or "held" (a drained event keeps its place).
+#       where a retry waits: "retrying" (scheduled) or "held" (a drained event keeps its place),
+#       the latency bucket index ("" when nothing was sent) and the latency in seconds.
 # Counts the integration's consecutive failures, and pauses it at the threshold. A retry of a
 # paused integration is held instead of scheduled. Returns 0 when attempt n is no longer the one in
 # flight (nothing is changed), else {1, final state, consecutive failures, 1 if the integration is
@@ -281,6 +291,12 @@ if paused then out[4] = 1 end
 if outcome == 'retrying' and (ARGV[16] == 'held' or paused) then
   outcome = 'held'
   out[2] = outcome
+end
+-- Metrics: attempts by outcome, and the latency histogram (ARGV 17: bucket index, 18: seconds).
+redis.call('HINCRBY', P .. ':m:attempts', f[3] .. '|' .. outcome, 1)
+if ARGV[17] ~= '' then
+  redis.call('HINCRBY', P .. ':m:latency', f[3] .. '|' .. ARGV[17], 1)
+  redis.call('HINCRBYFLOAT', P .. ':m:latency_sum', f[3], ARGV[18])
 end
 redis.call('RPUSH', at(id), ARGV[7])
 redis.call('ZREM', P .. ':lease', id)

@@ -7,6 +7,7 @@ fixed number of round trips: ingress writes a whole batch of concurrent requests
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,19 @@ def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64)
         health_check_interval=30,
     )
     return client
+
+
+# Upper bounds (s) of the attempt latency histogram; "+Inf" is implied.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+NOT_SENT = ("lease_expired", "worker_stopped", "unknown_integration")
+
+
+def latency_fields(record: AttemptRecord) -> tuple[str, str]:
+    """The FINISH arguments that feed the latency histogram: bucket index and seconds."""
+    if record["status"] is None and record["error"] in NOT_SENT:
+        return "", ""
+    seconds = record["latency_ms"] / 1000
+    return str(bisect.bisect_left(LATENCY_BUCKETS, seconds)), f"{seconds:.6f}"
 
 
 def job_payload(event_id: str, attempt: int, integration: str, enqueued_ms: int) -> bytes:
@@ -166,6 +180,7 @@ class Store:
             health.last_error[:200],
             health.cooldown_s,
             retry_state.value,
+            *latency_fields(record),
         ]
 
     async def finish(

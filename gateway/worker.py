@@ -388,7 +388,7 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
     store = Store(pool, settings.key_prefix)
     sender = Sender(AddressPolicy(config.gateway.allowed_networks), config.worker.concurrency)
     await sender.start()
-    alerts = Alerts(config, settings.public_url, lambda events: store.accept(events, 86400))
+    alerts = Alerts(config, settings.public_url, store)
     deliverer = Deliverer(settings, store, sender, alerts)
     worker = Worker(
         functions=[func(deliverer.deliver, name=DELIVER_JOB, timeout=job_timeout_s(settings), keep_result=0)],

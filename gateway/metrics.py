@@ -1,0 +1,157 @@
+"""GET /metrics: Prometheus text, with figures that cover every process on every machine.
+
+Counters live in Redis (the Lua scripts that change state count as they go, see `gateway.keys`),
+and gauges are read from the state indexes, so one scrape of any API process shows the whole
+cluster, at one pipelined round trip whatever the number of events. Every figure is declared in
+`collect` below: a feature adds its families there. Labels are integration names and small fixed
+sets (states, outcomes, kinds, reasons), never event ids or URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.events import EventState, now_ms
+from gateway.settings import Config
+from gateway.store import LATENCY_BUCKETS, Store
+
+log = logging.getLogger("gateway.metrics")
+GAUGE_STATES = (
+    EventState.PENDING,
+    EventState.IN_FLIGHT,
+    EventState.RETRYING,
+    EventState.HELD,
+    EventState.DEAD,
+)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _pairs(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class Refusals:
+    """Inbound requests refused by the API process, counted here and added to Redis each second
+    (a 503 happens exactly when Redis cannot take the count)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: Counter[str] = Counter()
+
+    def add(self, status: int) -> None:
+        self._pending[str(status)] += 1
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not self._pending:
+                continue
+            taken, self._pending = self._pending, Counter()
+            try:
+                async with self._store.redis.pipeline(transaction=False) as pipe:
+                    for reason, n in taken.items():
+                        pipe.hincrby(self._store.keys.metric("refused"), reason, n)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                self._pending.update(taken)
+
+
+class Metrics:
+    def __init__(self, config: Config, store: Store) -> None:
+        self._config = config
+        self._store = store
+
+    async def endpoint(self, request: Request) -> Response:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(await self.collect()))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+
+    async def collect(self) -> list[Metric]:
+        keys = self._store.keys
+        integrations = self._config.integrations
+        async with self._store.redis.pipeline(transaction=False) as pipe:
+            for name in ("accepted", "attempts", "latency", "latency_sum", "alerts", "refused"):
+                pipe.hgetall(keys.metric(name))
+            for integration in integrations:
+                for state in GAUGE_STATES:
+                    pipe.zcard(keys.state_index(integration.name, state))
+                pipe.zrange(keys.state_index(integration.name, EventState.PENDING), 0, 0, withscores=True)
+                pipe.hmget(keys.integration(integration.name), ["state", "fails"])
+            replies: list[Any] = await pipe.execute()
+        accepted, attempts, latency, latency_sum, alerts, refused = (_pairs(r) for r in replies[:6])
+        per_integration = replies[6:]
+        step = len(GAUGE_STATES) + 2
+        now = now_ms()
+
+        accepted_f = CounterMetricFamily(
+            "gateway_events_accepted", "Events accepted from the helpdesk.", labels=["integration", "mode"]
+        )
+        attempts_f = CounterMetricFamily(
+            "gateway_attempts",
+            "Finished delivery attempts by what became of the event (delivered, retrying, held, dead).",
+            labels=["integration", "outcome"],
+        )
+        latency_f = HistogramMetricFamily(
+            "gateway_attempt_duration_seconds", "Duration of delivery attempts.", labels=["integration"]
+        )
+        events_f = GaugeMetricFamily(
+            "gateway_events", "Events by state now.", labels=["integration", "state"]
+        )
+        oldest_f = GaugeMetricFamily(
+            "gateway_oldest_pending_age_seconds",
+            "Age of the oldest pending event (0 when none is pending).",
+            labels=["integration"],
+        )
+        paused_f = GaugeMetricFamily("gateway_integration_paused", "1 while paused.", labels=["integration"])
+        fails_f = GaugeMetricFamily(
+            "gateway_consecutive_failures", "Consecutive failed attempts.", labels=["integration"]
+        )
+        alerts_f = CounterMetricFamily("gateway_alerts_sent", "Alerts sent, by kind.", labels=["kind"])
+        refused_f = CounterMetricFamily(
+            "gateway_inbound_refused", "Helpdesk requests refused, by HTTP status.", labels=["reason"]
+        )
+
+        for k, integration in enumerate(integrations):
+            name = integration.name
+            chunk = per_integration[k * step : (k + 1) * step]
+            accepted_f.add_metric([name, integration.mode], float(accepted.get(name, 0)))
+            for outcome in ("delivered", "retrying", "held", "dead"):
+                attempts_f.add_metric([name, outcome], float(attempts.get(f"{name}|{outcome}", 0)))
+            cumulative, buckets = 0.0, []
+            for index, bound in enumerate(LATENCY_BUCKETS):
+                cumulative += float(latency.get(f"{name}|{index}", 0))
+                buckets.append((str(bound), cumulative))
+            cumulative += float(latency.get(f"{name}|{len(LATENCY_BUCKETS)}", 0))
+            buckets.append(("+Inf", cumulative))
+            latency_f.add_metric([name], buckets, float(latency_sum.get(name, 0)))
+            for state, count in zip(GAUGE_STATES, chunk[: len(GAUGE_STATES)], strict=True):
+                events_f.add_metric([name, state.value], float(count))
+            oldest = chunk[len(GAUGE_STATES)]
+            oldest_f.add_metric([name], max(0.0, (now - oldest[0][1]) / 1000) if oldest else 0.0)
+            state, fails = chunk[-1]
+            paused_f.add_metric([name], 1.0 if state == b"paused" else 0.0)
+            fails_f.add_metric([name], float(fails or 0))
+        for kind, n in sorted(alerts.items()):
+            alerts_f.add_metric([kind], float(n))
+        for reason, n in sorted(refused.items()):
+            refused_f.add_metric([reason], float(n))
+        return [accepted_f, attempts_f, latency_f, events_f, oldest_f, paused_f, fails_f, alerts_f, refused_f]
