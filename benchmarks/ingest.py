@@ -131,8 +131,9 @@ def measure(
     if target.stores_events:
         _settle(r)
         r.flushdb()
-    warm = run_wrk(h, target.url, script, seconds=args.warmup, connections=args.connections,
-                   threads=args.threads)
+    warm = run_wrk(
+        h, target.url, script, seconds=args.warmup, connections=args.connections, threads=args.threads
+    )
     _check_statuses(target, warm, "warm-up")
     if target.stores_events:
         _settle(r)
@@ -140,10 +141,15 @@ def measure(
         r.config_resetstat()
     server_before, redis_before = cpu_seconds(target.pid), cpu_seconds(redis_pid)
     wait_before = run_queue_seconds(target.pid)
-    result = run_wrk(h, target.url, script, seconds=args.seconds, connections=args.connections,
-                     threads=args.threads)
-    run = Run(result, cpu_seconds(target.pid) - server_before, run_queue_seconds(target.pid) - wait_before,
-              cpu_seconds(redis_pid) - redis_before)
+    result = run_wrk(
+        h, target.url, script, seconds=args.seconds, connections=args.connections, threads=args.threads
+    )
+    run = Run(
+        result,
+        cpu_seconds(target.pid) - server_before,
+        run_queue_seconds(target.pid) - wait_before,
+        cpu_seconds(redis_pid) - redis_before,
+    )
     _check_statuses(target, result, f"run {len(target.runs) + 1}")
     if target.stores_events:
         run.stored = _settle(r)
@@ -152,18 +158,26 @@ def measure(
         queued = _zcard(r, KEYS.queue)
         accepted = result.count(202)
         if run.stored < accepted:
-            target.problems.append(f"run {len(target.runs) + 1}: {accepted} answers 202 but only "
-                                   f"{run.stored} events in Redis")
+            target.problems.append(
+                f"run {len(target.runs) + 1}: {accepted} answers 202 but only {run.stored} events in Redis"
+            )
         if run.stored > accepted + args.connections:
-            target.problems.append(f"run {len(target.runs) + 1}: {run.stored} events in Redis for "
-                                   f"{accepted} answers 202 over {args.connections} connections")
+            target.problems.append(
+                f"run {len(target.runs) + 1}: {run.stored} events in Redis for "
+                f"{accepted} answers 202 over {args.connections} connections"
+            )
         if queued != run.stored:
-            target.problems.append(f"run {len(target.runs) + 1}: {run.stored} due events but {queued} "
-                                   "arq jobs")
+            target.problems.append(
+                f"run {len(target.runs) + 1}: {run.stored} due events but {queued} arq jobs"
+            )
     target.runs.append(run)
     extra = f", {run.stored} events in Redis" if run.stored is not None else ""
-    print(f"  {target.name:<12} {result.rate:9.0f} req/s  p50 {result.p50_ms:.2f} ms  "
-          f"p99 {result.p99_ms:.2f} ms{extra}", file=sys.stderr, flush=True)
+    print(
+        f"  {target.name:<12} {result.rate:9.0f} req/s  p50 {result.p50_ms:.2f} ms  "
+        f"p99 {result.p99_ms:.2f} ms{extra}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def report(targets: list[Target], args: argparse.Namespace) -> None:
@@ -188,39 +202,58 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
             batch_cell = f"{stored / batches:.1f}, {sum(run.batches_us for run in t.runs) / batches:.0f}"
         else:
             stored_cell = batch_cell = "-"
-        rows.append([
-            t.name,
-            f"{median(rates):.0f}",
-            " ".join(f"{x:.0f}" for x in rates),
-            f"{median([run.wrk.p50_ms for run in t.runs]):.2f}",
-            f"{median([run.wrk.p99_ms for run in t.runs]):.2f}",
-            f"{not_2xx}",
-            f"{errors}",
-            f"{server_cpu / requests * 1e6:.0f} us",
-            f"{server_cpu / seconds * 100:.0f}/{redis_cpu / seconds * 100:.0f}/{wrk_cpu / seconds * 100:.0f}",
-            f"{server_wait / seconds * 100:.0f}",
-            stored_cell,
-            batch_cell,
-            # Each round measures both targets back to back: the median of the per-round ratios is
-            # far steadier than a ratio of medians on a machine whose speed drifts between rounds.
-            f"{median([a.wrk.rate / b.wrk.rate for a, b in zip(t.runs, base_runs, strict=True)]):.2f}",
-            f"{base_cpu / (server_cpu / requests):.2f}",
-        ])
-    print(f"\ningest: POST {len(webhook_body(args.body_bytes))}-byte JSON, wrk -t{args.threads} "
-          f"-c{args.connections}, {args.seconds:.0f} s per run after {args.warmup:.0f} s warm-up, "
-          f"{args.rounds} rounds (medians)")
+        rows.append(
+            [
+                t.name,
+                f"{median(rates):.0f}",
+                " ".join(f"{x:.0f}" for x in rates),
+                f"{median([run.wrk.p50_ms for run in t.runs]):.2f}",
+                f"{median([run.wrk.p99_ms for run in t.runs]):.2f}",
+                f"{not_2xx}",
+                f"{errors}",
+                f"{server_cpu / requests * 1e6:.0f} us",
+                "/".join(f"{cpu / seconds * 100:.0f}" for cpu in (server_cpu, redis_cpu, wrk_cpu)),
+                f"{server_wait / seconds * 100:.0f}",
+                stored_cell,
+                batch_cell,
+                # Each round measures both targets back to back: the median of the per-round ratios is
+                # far steadier than a ratio of medians on a machine whose speed drifts between rounds.
+                f"{median([a.wrk.rate / b.wrk.rate for a, b in zip(t.runs, base_runs, strict=True)]):.2f}",
+                f"{base_cpu / (server_cpu / requests):.2f}",
+            ]
+        )
+    print(
+        f"\ningest: POST {len(webhook_body(args.body_bytes))}-byte JSON, wrk -t{args.threads} "
+        f"-c{args.connections}, {args.seconds:.0f} s per run after {args.warmup:.0f} s warm-up, "
+        f"{args.rounds} rounds (medians)"
+    )
     print_table(
-        ["target", "req/s", "each run", "p50 ms", "p99 ms", "non-2xx", "sock err", "CPU/req",
-         "CPU % srv/redis/wrk", "srv CPU wait %", "stored/202s", "batch: events, Redis us", "ratio",
-         "CPU ratio"],
+        [
+            "target",
+            "req/s",
+            "each run",
+            "p50 ms",
+            "p99 ms",
+            "non-2xx",
+            "sock err",
+            "CPU/req",
+            "CPU % srv/redis/wrk",
+            "srv CPU wait %",
+            "stored/202s",
+            "batch: events, Redis us",
+            "ratio",
+            "CPU ratio",
+        ],
         rows,
         [False, *[True] * 13],
     )
-    print(f"ratio: median over rounds of req/s / {targets[0].name} req/s in the same round; "
-          f"CPU ratio: {targets[0].name} CPU per request / this one's;\n"
-          "stored/202s: events in Redis / 202 answers; "
-          "batch: events per IngestBatcher script call (EVALSHA) and Redis time per call; "
-          "sums over the measured runs")
+    print(
+        f"ratio: median over rounds of req/s / {targets[0].name} req/s in the same round; "
+        f"CPU ratio: {targets[0].name} CPU per request / this one's;\n"
+        "stored/202s: events in Redis / 202 answers; "
+        "batch: events per IngestBatcher script call (EVALSHA) and Redis time per call; "
+        "sums over the measured runs"
+    )
 
 
 def main() -> int:
@@ -240,17 +273,24 @@ def main() -> int:
         config = h.directory / "gateway.toml"
         config.write_text(CONFIG)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_LOG_LEVEL="WARNING",
-                   GATEWAY_ADMIN_TOKEN="bench")
+        env.update(
+            REDIS_URL=server.url,
+            GATEWAY_CONFIG=str(config),
+            GATEWAY_LOG_LEVEL="WARNING",
+            GATEWAY_ADMIN_TOKEN="bench",
+        )
 
         gateway_port, hello_port = free_port(), free_port()
-        gateway = h.spawn("gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)],
-                          env=env)
+        gateway = h.spawn(
+            "gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)], env=env
+        )
         hello = h.spawn("hello", [*h.python("_hello.py"), "--port", str(hello_port)])
-        wait_http(f"http://127.0.0.1:{gateway_port}/readyz", gateway, expect=200,
-                  describe=lambda: h.log("gateway"))
-        wait_http(f"http://127.0.0.1:{hello_port}/healthz", hello, expect=200,
-                  describe=lambda: h.log("hello"))
+        wait_http(
+            f"http://127.0.0.1:{gateway_port}/healthz", gateway, expect=200, describe=lambda: h.log("gateway")
+        )
+        wait_http(
+            f"http://127.0.0.1:{hello_port}/healthz", hello, expect=200, describe=lambda: h.log("hello")
+        )
 
         script = write_wrk_script(h.directory / "post.lua", webhook_body(args.body_bytes))
         targets = [
@@ -276,8 +316,10 @@ def main() -> int:
     for p in problems:
         print(f"CHECK FAILED {p}")
     if not problems:
-        print("checks: every response was 202, no socket errors; Redis held an event for every 202 "
-              "(and as many arq jobs)")
+        print(
+            "checks: every response was 202, no socket errors; Redis held an event for every 202 "
+            "(and as many arq jobs)"
+        )
     return 1 if problems else 0
 
 

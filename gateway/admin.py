@@ -50,6 +50,7 @@ class Admin:
             Route("/admin/events", self.list_events, methods=["GET"]),
             Route("/admin/events/{id}", self.get_event, methods=["GET"]),
             Route("/admin/events/{id}/replay", self.replay_event, methods=["POST"]),
+            Route("/admin/status", self.status, methods=["GET"]),
             Route("/admin/replay", self.start_replay, methods=["POST"]),
             Route("/admin/replays/{id}", self.get_replay, methods=["GET"]),
             Route("/admin/replays/{id}/cancel", self.cancel_replay, methods=["POST"]),
@@ -171,6 +172,14 @@ class Admin:
                 **body,
             }
         return json_response(event)
+
+    async def status(self, request: Request) -> Response:
+        """Live workers, the arq queue's depth, and every integration."""
+        self._authorize(request)
+        workers = await self._store.live_workers()
+        depth = int(await self._store.redis.zcard(self._store.keys.queue))
+        items = [await self.describe(i) for i in self._config.integrations]
+        return json_response({"workers_live": workers, "queue_depth": depth, "integrations": items})
 
     async def start_replay(self, request: Request) -> Response:
         """Bulk replay of the events matching a filter (state defaults to dead)."""

@@ -86,7 +86,7 @@ class Alerts:
         text = message(kind, facts)
         facts["message"] = text
         level = logging.INFO if kind is AlertKind.RESUMED else logging.WARNING
-        log.log(level, "alert %s: %s", kind.value, text, extra={"alert": facts})
+        log.log(level, "alert %s: %s", kind.value, text, extra={"alert": facts, "integration": integration})
         events = []
         for sink, alert in zip(self._config.alert_sinks, self._config.alerts, strict=True):
             body = orjson.dumps({"text": text} if alert.kind == "slack" else facts)

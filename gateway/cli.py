@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from urllib.parse import quote, urlencode
@@ -23,12 +22,10 @@ def _settings(config_path: str | None = None) -> Settings:
         sys.exit(2)
 
 
-def _logging() -> None:
-    level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _logging(default_format: str = "json") -> None:
+    from gateway.logs import configure
+
+    configure(default_format)
 
 
 @click.group()
@@ -107,7 +104,8 @@ def dev(host: str, port: int, echo_port: int) -> None:
     and the demo echo endpoint."""
     from gateway.dev import run_dev
 
-    _logging()
+    os.environ.setdefault("GATEWAY_LOG_FORMAT", "console")
+    _logging("console")
     _settings()  # refuse to start on a bad config before anything is spawned
     sys.exit(run_dev(host, port, echo_port))
 
@@ -202,3 +200,10 @@ def replay(
         body = {"integration": integration, "state": state, "since": since, "until": until}
         data = client.call("POST", "/admin/replay", url, token, {k: v for k, v in body.items() if v})
         client.output(data, as_json, "bulk")
+
+
+@main.command()
+@client.api_options
+def status(url: str | None, token: str | None, as_json: bool) -> None:
+    """Live workers, queue depth, and every integration with its events by state."""
+    client.output(client.call("GET", "/admin/status", url, token), as_json, "status")

@@ -112,6 +112,23 @@ def output(data: Any, as_json: bool, kind: str = "integration") -> None:
         print_events(data)
     elif kind == "event":
         print_event(data)
+    elif kind == "status":
+        click.echo(f"live workers: {data['workers_live']}   queued jobs: {data['queue_depth']}")
+        rows = [["NAME", "STATE", "FAILURES", "PENDING", "RETRYING", "HELD", "DEAD", "DELIVERED 24H"]]
+        for i in data["integrations"]:
+            c = i["counts"]
+            rows.append(
+                [
+                    i["name"],
+                    i["state"],
+                    f"{i['consecutive_failures']}/{i['failure_threshold']}",
+                    *(str(c[k]) for k in ("pending", "retrying", "held", "dead", "delivered_24h")),
+                ]
+            )
+        table(rows)
+        paused = [i["name"] for i in data["integrations"] if i["state"] == "paused"]
+        if paused:
+            click.echo(f"paused: {', '.join(paused)}")
     elif kind == "bulk":
         click.echo(
             f"bulk replay {data['id']}: {data['status']}, {data['matched']} matched, "

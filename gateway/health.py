@@ -1,9 +1,12 @@
-"""Liveness and readiness."""
+"""Liveness (/healthz: the process answers) and readiness (/readyz: Redis answers, the config was
+loaded, and at least one worker sent a heartbeat in the last 10 s)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,10 +24,13 @@ class Health:
         return Response(OK, media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
+        workers = 0
         try:
             async with asyncio.timeout(self._timeout_s):
                 reachable = await self._store.ping()
-        except TimeoutError:
+                if reachable:
+                    workers = await self._store.live_workers()
+        except (TimeoutError, RedisError, OSError):
             reachable = False
         if not reachable:
             return Response(
@@ -32,4 +38,10 @@ class Health:
                 503,
                 media_type="application/json",
             )
-        return Response(OK, media_type="application/json")
+        if workers == 0:
+            return Response(
+                b'{"error":"unavailable","detail":"no worker has sent a heartbeat in the last 10 s"}',
+                503,
+                media_type="application/json",
+            )
+        return Response(orjson.dumps({"status": "ok", "workers": workers}), media_type="application/json")

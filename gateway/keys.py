@@ -22,6 +22,7 @@ Layout under a prefix P (default "gw"):
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
     P:replays              set    the bulk replays still running
+    P:workers              zset   worker id -> its last heartbeat (ms); live: within HEARTBEAT_TTL
     P:m:accepted           hash   metrics, cluster-wide: integration -> events accepted
     P:m:attempts           hash   integration|outcome -> finished attempts
     P:m:latency            hash   integration|bucket -> attempts (latency_sum: integration -> s)
@@ -71,6 +72,10 @@ class Keys:
 
     def drain_lock(self, name: str) -> str:
         return f"{self.prefix}:drain:{name}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     def metric(self, name: str) -> str:
         return f"{self.prefix}:m:{name}"

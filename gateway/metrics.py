@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from gateway.events import EventState, now_ms
 from gateway.settings import Config
-from gateway.store import LATENCY_BUCKETS, Store
+from gateway.store import HEARTBEAT_TTL_MS, LATENCY_BUCKETS, Store
 
 log = logging.getLogger("gateway.metrics")
 GAUGE_STATES = (
@@ -91,6 +91,7 @@ class Metrics:
         async with self._store.redis.pipeline(transaction=False) as pipe:
             for name in ("accepted", "attempts", "latency", "latency_sum", "alerts", "refused"):
                 pipe.hgetall(keys.metric(name))
+            pipe.zcount(keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf")
             for integration in integrations:
                 for state in GAUGE_STATES:
                     pipe.zcard(keys.state_index(integration.name, state))
@@ -98,7 +99,9 @@ class Metrics:
                 pipe.hmget(keys.integration(integration.name), ["state", "fails"])
             replies: list[Any] = await pipe.execute()
         accepted, attempts, latency, latency_sum, alerts, refused = (_pairs(r) for r in replies[:6])
-        per_integration = replies[6:]
+        workers_f = GaugeMetricFamily("gateway_workers_live", "Workers with a heartbeat in the last 10 s.")
+        workers_f.add_metric([], float(replies[6]))
+        per_integration = replies[7:]
         step = len(GAUGE_STATES) + 2
         now = now_ms()
 
@@ -154,4 +157,15 @@ class Metrics:
             alerts_f.add_metric([kind], float(n))
         for reason, n in sorted(refused.items()):
             refused_f.add_metric([reason], float(n))
-        return [accepted_f, attempts_f, latency_f, events_f, oldest_f, paused_f, fails_f, alerts_f, refused_f]
+        return [
+            accepted_f,
+            attempts_f,
+            latency_f,
+            events_f,
+            oldest_f,
+            paused_f,
+            fails_f,
+            alerts_f,
+            refused_f,
+            workers_f,
+        ]

@@ -84,6 +84,13 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "IntegrationList": _object({"items": {"type": "array", "items": _ref("Integration")}}),
+    "Status": _object(
+        {
+            "workers_live": COUNT,
+            "queue_depth": COUNT,
+            "integrations": {"type": "array", "items": _ref("Integration")},
+        }
+    ),
     "EventSummary": _object(
         {
             "id": STRING,
@@ -274,6 +281,9 @@ PATHS: dict[str, Schema] = {
             (202, "the event is queued again", "EventReplay"),
             (404, 409),
         ),
+    },
+    "/admin/status": {
+        "get": _operation("Live workers, queue depth and every integration", (200, "the status", "Status")),
     },
     "/admin/replay": {
         "post": _operation(

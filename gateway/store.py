@@ -22,6 +22,8 @@ from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
 
 DELIVER_JOB = "deliver"
+HEARTBEAT_S = 2.0
+HEARTBEAT_TTL_MS = 10_000  # a worker silent for longer is not counted as live
 
 
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> Redis:
@@ -430,6 +432,17 @@ class Store:
             "dead": dead,
             "delivered_24h": delivered,
         }
+
+    async def beat(self, worker_id: str) -> None:
+        """A worker's heartbeat; entries silent for an hour are dropped."""
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {worker_id: now})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - 3_600_000)
+            await pipe.execute()
+
+    async def live_workers(self) -> int:
+        return int(await self.redis.zcount(self.keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf"))
 
     async def ping(self) -> bool:
         try:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +37,7 @@ from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
 from gateway.settings import Integration, RetryPolicy, Settings
-from gateway.store import DELIVER_JOB, NOT_COUNTED, Finished, Health, Store
+from gateway.store import DELIVER_JOB, HEARTBEAT_S, NOT_COUNTED, Finished, Health, Store
 
 log = logging.getLogger("gateway.worker")
 
@@ -67,6 +69,32 @@ def upstream_headers(
         keys = [signing.decode_secret(s.get_secret_value()) for s in integration.signing_secrets]
         headers.append(("webhook-signature", signing.sign(keys, event_id, timestamp, body)))
     return headers
+
+
+def log_attempt(
+    level: int, event_id: str, attempt: int, integration: str, result: Result, finished: Finished | None
+) -> None:
+    """The one line per delivery attempt, with its fields for a JSON log."""
+    outcome = finished.state.value if finished else "ignored (no longer in flight)"
+    status = result.status if result.status is not None else result.error
+    log.log(
+        level,
+        "event %s attempt %d (%s): %s -> %s",
+        event_id,
+        attempt,
+        integration,
+        status,
+        outcome,
+        extra={
+            "event_id": event_id,
+            "attempt": attempt,
+            "integration": integration,
+            "status": result.status,
+            "error": result.error.value if result.error else None,
+            "outcome": outcome,
+            "latency_ms": result.latency_ms,
+        },
+    )
 
 
 class Deliverer:
@@ -183,14 +211,7 @@ class Deliverer:
             only_if_lease_expired=only_if_lease_expired,
             retry_state=retry_state,
         )
-        log.info(
-            "event %s attempt %d (%s): %s -> %s",
-            event_id,
-            attempt,
-            integration,
-            result.status if result.status is not None else result.error,
-            finished.state.value if finished else "ignored (no longer in flight)",
-        )
+        log_attempt(logging.INFO, event_id, attempt, integration, result, finished)
         if finished and finished.signals:
             await self.signal(integration, finished, health)
         return finished
@@ -218,16 +239,15 @@ class Deliverer:
             )
         results = await self._store.finish_many(items)
         delivered = sum(1 for f in results if f is not None and f.state is EventState.DELIVERED)
-        log.info("drained %d events of %s: %d delivered", len(sent), integration, delivered)
+        log.info(
+            "drained %d events of %s: %d delivered",
+            len(sent),
+            integration,
+            delivered,
+            extra={"integration": integration},
+        )
         for (event_id, attempt, result, _, _), item, finished in zip(sent, items, results, strict=True):
-            log.debug(
-                "event %s attempt %d (%s): %s -> %s",
-                event_id,
-                attempt,
-                integration,
-                result.status if result.status is not None else result.error,
-                finished.state.value if finished else "ignored (no longer in flight)",
-            )
+            log_attempt(logging.DEBUG, event_id, attempt, integration, result, finished)
             if finished and finished.signals:
                 await self.signal(integration, finished, item[5])
         return results
@@ -328,6 +348,15 @@ class Reconciler:
         return fixed
 
 
+async def _beat(store: Store, worker_id: str) -> None:
+    while True:
+        try:
+            await store.beat(worker_id)
+        except (RedisError, OSError) as exc:
+            log.warning("heartbeat: Redis unavailable (%s)", exc)
+        await asyncio.sleep(HEARTBEAT_S)
+
+
 def arq_redis_settings(url: str) -> RedisSettings:
     """Reconnect and retry on a lost connection instead of letting a Redis blip end the worker."""
     settings = RedisSettings.from_dsn(url)
@@ -409,6 +438,8 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
     )
     drainer = asyncio.create_task(Drainer(settings, store, deliverer, alerts).run_forever())
     replays = asyncio.create_task(ReplayRunner(store).run_forever())
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    heartbeat = asyncio.create_task(_beat(store, worker_id))
     log.info(
         "worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency
     )
@@ -418,6 +449,9 @@ async def _run_once(settings: Settings, *, burst: bool, stopping: asyncio.Event)
         reconciler.cancel()
         drainer.cancel()
         replays.cancel()
+        heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            await store.redis.zrem(store.keys.workers, worker_id)
         # arq's close() stops waiting at the first job that failed (a lost Redis fails several):
         # let the attempts still sending end before their HTTP session and Redis pool are closed.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)

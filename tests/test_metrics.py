@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from typing import Any, cast
 
 import httpx
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,3 +93,16 @@ def test_a_scrape_costs_the_same_commands_whatever_the_number_of_events(
     many = commands_per_scrape()
     assert few == many
     assert value(scrape(gateway), "gateway_events", integration="crm", state="pending") == 305
+
+
+def test_promtool_accepts_the_exposition(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    gateway.post("/hooks/crm")
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

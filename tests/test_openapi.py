@@ -34,6 +34,7 @@ def test_the_document_is_valid_openapi_and_covers_every_admin_route() -> None:
     schema.validate()  # raises on a document the OpenAPI 3.1 meta-schema rejects
     labels = {operation.label for operation in _operations(schema)}
     assert labels == {
+        "GET /admin/status",
         "GET /admin/integrations",
         "GET /admin/integrations/{name}",
         "POST /admin/integrations/{name}/pause",
