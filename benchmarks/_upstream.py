@@ -8,15 +8,18 @@ benchmark also measures this server alone with wrk, and its CPU use during each 
     python3 benchmarks/_upstream.py --port 8080 [--record]
 
 With `--record` it also counts every request and keeps, in arrival order, the `webhook-id` header of
-those that carry one (the gateway sets it on every attempt), and answers `GET /_stats?from=K` with
-`{"requests": total so far (this request not included), "recorded": ids kept so far, "ids": the kept
-ids from the K-th on}`:
-how drain.py checks that each event arrived exactly once, and in order.
+those that carry one (the gateway sets it on every attempt) and its arrival time (time.time(), when
+the request's body was read), and answers `GET /_stats?from=K` with `{"requests": total so far (this
+request not included), "recorded": ids kept so far, "ids": the kept ids from the K-th on, "times":
+their arrival times}`:
+how drain.py checks that each event arrived exactly once, and in order, and how latency.py measures
+the end-to-end latency of each event.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -59,11 +62,13 @@ class RecordingApp:
     def __init__(self) -> None:
         self.requests = 0
         self.ids: list[bytes] = []
+        self.times: list[float] = []  # arrival time of each kept id (time.time())
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         await _read_body(receive)
+        arrived = time.time()
         if scope["method"] == "GET" and scope["path"] == STATS_PATH:
             await self._stats(scope, send)
             return
@@ -71,6 +76,7 @@ class RecordingApp:
         for key, value in scope["headers"]:
             if key == b"webhook-id":
                 self.ids.append(value)
+                self.times.append(arrived)
                 break
         await send(START)
         await send(END)
@@ -79,7 +85,10 @@ class RecordingApp:
         query: bytes = scope["query_string"]
         start = int(query.removeprefix(b"from=")) if query.startswith(b"from=") else 0
         ids = [i.decode() for i in self.ids[start:]]
-        body = orjson.dumps({"requests": self.requests, "recorded": len(self.ids), "ids": ids})
+        times = self.times[start:]
+        body = orjson.dumps(
+            {"requests": self.requests, "recorded": len(self.ids), "ids": ids, "times": times}
+        )
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
