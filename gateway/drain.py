@@ -186,6 +186,7 @@ class Drainer:
             groups: list[asyncio.Task[list[Finished | None]]] = []
             group: list[tuple[str, int, Result, Verdict, int]] = []
             sent = 0
+            failures = 0
             try:
                 for event_id, attempt, received_ms, blob in taken:
                     if any(g.done() and any(f is not None and f.paused for f in g.result()) for g in groups):
@@ -203,13 +204,6 @@ class Drainer:
                         event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
                     )
                     failures = self._failures[name] = self._failures.get(name, 0) + 1
-                    await self._hand_back(name, [(e, n) for e, n, _, _ in taken[sent:]])
-                    if group:
-                        groups.append(asyncio.create_task(self._deliverer.record_many(name, group)))
-                        group = []
-                    await asyncio.gather(*groups)
-                    # Keep the order: the rest went back to their places; wait before trying again.
-                    await asyncio.sleep(backoff_s(integration.retry, failures))
                     break
             except asyncio.CancelledError:
                 # The worker is stopping: what was not sent goes back, the one being sent too;
@@ -222,6 +216,9 @@ class Drainer:
             if group:
                 groups.append(asyncio.create_task(self._deliverer.record_many(name, group)))
             results = [f for g in await asyncio.gather(*groups) for f in g]
+            if failures:
+                # Keep the order: the rest went back to their places; wait before trying again.
+                await asyncio.sleep(backoff_s(integration.retry, failures))
             if any(f is not None and f.paused for f in results):
                 return
             await self._store.redis.pexpire(lock, lock_ms)
