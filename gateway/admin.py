@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from gateway.alerts import AlertKind, Alerts
 from gateway.errors import Conflict, InvalidParameter, NotFound, Unauthorized
-from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
+from gateway.events import EventState, StoredRequest, now_ms
 from gateway.replays import Filter, ReplayJobs
 from gateway.settings import Integration, Settings
 from gateway.store import Store
@@ -209,17 +209,9 @@ class Admin:
         event = await self._store.event(event_id)
         if event is None:
             raise NotFound(f"no event has the id {event_id!r} (or it has been removed)")
-        record = AttemptRecord(
-            n=event["attempt"] + 1,
-            at_ms=now_ms(),
-            latency_ms=0.0,
-            status=None,
-            error=None,
-            detail="replay requested by an operator",
-            outcome="replay",
-            body="",
+        state = await self._store.replay(
+            event_id, event["attempt"], event["integration"], "replay requested by an operator"
         )
-        state = await self._store.replay(event_id, event["attempt"], event["integration"], record)
         if state is None:
             raise Conflict(
                 f"event {event_id} is {event['state']}: only delivered or dead events are replayed"

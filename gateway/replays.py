@@ -20,7 +20,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.errors import Conflict
-from gateway.events import AttemptRecord, EventState, new_event_id, now_ms
+from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Config
 from gateway.store import Store
 
@@ -197,14 +197,5 @@ class ReplayRunner:
         if meta is None or meta[0] not in (EventState.DELIVERED, EventState.DEAD):
             return False
         _, attempt, integration, _ = meta
-        record = AttemptRecord(
-            n=attempt + 1,
-            at_ms=now_ms(),
-            latency_ms=0.0,
-            status=None,
-            error=None,
-            detail="bulk replay requested by an operator",
-            outcome="replay",
-            body="",
-        )
-        return await self._store.replay(event_id, attempt, integration, record) is not None
+        reason = "bulk replay requested by an operator"
+        return await self._store.replay(event_id, attempt, integration, reason) is not None

@@ -340,10 +340,19 @@ class Store:
             "attempts": [orjson.loads(a) for a in attempts],
         }
 
-    async def replay(
-        self, event_id: str, attempt: int, integration: str, record: AttemptRecord
-    ) -> str | None:
-        """Sends a delivered or dead event again; returns its new state, or None if it was neither."""
+    async def replay(self, event_id: str, attempt: int, integration: str, reason: str) -> str | None:
+        """Sends a delivered or dead event again; returns its new state, or None if it was neither.
+        The attempt log shows the replay (outcome "replay", `reason` as its detail)."""
+        record = AttemptRecord(
+            n=attempt + 1,
+            at_ms=now_ms(),
+            latency_ms=0.0,
+            status=None,
+            error=None,
+            detail=reason,
+            outcome="replay",
+            body="",
+        )
         job = job_payload(event_id, attempt + 1, integration, now_ms())
         got = await self._replay(
             args=[self.keys.prefix, self.keys.queue, event_id, attempt, now_ms(), job, orjson.dumps(record)]
