@@ -45,16 +45,23 @@ def post_many(gateway: Gateway, n: int) -> list[str]:
     return asyncio.run(run())
 
 
-def test_bulk_replay_delivers_each_dead_event_once_per_request(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
-) -> None:
+def dead_events(gateway: Gateway, upstream: Upstream, rdb: redis.Redis, n: int, timeout: float) -> list[str]:
+    """Starts the gateway with "crm" (one attempt, never paused), makes n events dead on a 400,
+    then lets the upstream answer 200; returns their ids."""
     upstream.script([Reply(400)])
     gateway.configure(
         integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
     ).start()
-    ids = post_many(gateway, 1000)
-    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 1000, timeout=60)
+    ids = post_many(gateway, n)
+    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == n, timeout=timeout)
     upstream.script([Reply(200)])
+    return ids
+
+
+def test_bulk_replay_delivers_each_dead_event_once_per_request(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    ids = dead_events(gateway, upstream, rdb, 1000, timeout=60)
 
     key = {"Idempotency-Key": "replay-dead-crm-1"}
     started = admin(gateway, "POST", "/admin/replay", json={"integration": "crm"}, headers=key)
@@ -79,13 +86,7 @@ def test_bulk_replay_delivers_each_dead_event_once_per_request(
 def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    upstream.script([Reply(400)])
-    gateway.configure(
-        integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
-    ).start()
-    post_many(gateway, 600)
-    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 600, timeout=60)
-    upstream.script([Reply(200)])
+    dead_events(gateway, upstream, rdb, 600, timeout=60)
     job = admin(gateway, "POST", "/admin/replay", json={"state": "dead"}).json()
     cancelled = admin(gateway, "POST", f"/admin/replays/{job['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
@@ -132,13 +133,7 @@ def test_retention_removes_delivered_events_and_never_held_ones(
 
 
 def test_cli_bulk_replay_and_clear_errors(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
-    upstream.script([Reply(400)])
-    gateway.configure(
-        integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
-    ).start()
-    ids = post_many(gateway, 5)
-    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == 5)
-    upstream.script([Reply(200)])
+    ids = dead_events(gateway, upstream, rdb, 5, timeout=10)
     env = {**os.environ, "GATEWAY_URL": gateway.url, "GATEWAY_ADMIN_TOKEN": "test-admin-token"}
 
     def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
