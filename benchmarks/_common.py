@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, cast
 
 import redis
 
@@ -298,6 +299,63 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), latency.mean, table.concat(parts, ",")))
 end
 """
+
+
+@dataclass
+class GatewayStack:
+    """A redis-server, the recording upstream, `gateway serve` and one `gateway worker`."""
+
+    server: RedisServer
+    client: redis.Redis
+    api: str
+    upstream_base: str
+    token: str
+    upstream: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit status) of each process of the stack that is no longer running."""
+        processes = (("gateway", self.gateway), ("worker", self.worker), ("upstream", self.upstream))
+        return [(name, code) for name, p in processes if (code := p.poll()) is not None]
+
+
+def start_stack(h: Harness, config_text: str, upstream_port: int, log_level: str) -> GatewayStack:
+    """Starts the stack with `config_text` (its integrations target the upstream on `upstream_port`)
+    and returns once the API is ready and the worker polls Redis. The caller closes `client`."""
+    server = start_redis(h)
+    gateway_port = free_port()
+    config = h.directory / "gateway.toml"
+    config.write_text(config_text)
+    token = secrets.token_urlsafe(24)
+    api = f"http://127.0.0.1:{gateway_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_ADMIN_TOKEN=token,
+               GATEWAY_LOG_LEVEL=log_level, GATEWAY_URL=api)
+    upstream_base = f"http://127.0.0.1:{upstream_port}"
+    upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record"])
+    serve = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)]
+    gateway = h.spawn("gateway", serve, env=env)
+    worker = h.spawn("worker", [sys.executable, "-m", "gateway", "worker"], env=env)
+    wait_http(f"{upstream_base}/_stats", upstream, expect=200, describe=lambda: h.log("upstream"))
+    wait_http(f"{api}/readyz", gateway, expect=200, describe=lambda: h.log("gateway"))
+    client = server.client()
+    _wait_worker(client, worker, lambda: h.log("worker"))
+    return GatewayStack(server, client, api, upstream_base, token, upstream, gateway, worker)
+
+
+def _wait_worker(r: redis.Redis, worker: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
+    """Until the worker's drainer polls Redis (an HMGET of the integration every 50 ms)."""
+    deadline = time.monotonic() + 30
+    while True:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with {worker.returncode}\n{describe()}")
+        stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
+        if stats.get("cmdstat_hmget", {}).get("calls", 0) > 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not poll Redis within 30 s\n{describe()}")
+        time.sleep(0.05)
 
 
 def write_wrk_script(path: Path, body: bytes) -> Path:

@@ -53,14 +53,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -79,8 +77,7 @@ from benchmarks._common import (
     harness,
     print_table,
     run_queue_seconds,
-    start_redis,
-    wait_http,
+    start_stack,
     webhook_body,
 )
 from gateway.keys import Keys
@@ -260,20 +257,6 @@ def _upstream_stats(base: str, start: int) -> tuple[int, int, list[str]]:
     with urllib.request.urlopen(f"{base}/_stats?from={start}", timeout=60) as response:
         raw = json.loads(response.read())
     return int(raw["requests"]), int(raw["recorded"]), [str(i) for i in raw["ids"]]
-
-
-def _wait_worker(r: redis.Redis, worker: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
-    """Until the worker's drainer polls Redis (an HMGET of the integration every 50 ms)."""
-    deadline = time.monotonic() + 30
-    while True:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode}\n{describe()}")
-        stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
-        if stats.get("cmdstat_hmget", {}).get("calls", 0) > 0:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not poll Redis within 30 s\n{describe()}")
-        time.sleep(0.05)
 
 
 def ingest(
@@ -501,26 +484,12 @@ def main() -> int:
     problems: list[str] = []
 
     with harness("gateway-bench-drain-") as h:
-        server = start_redis(h)
-        upstream_port, gateway_port = free_port(), free_port()
-        config = h.directory / "gateway.toml"
-        config.write_text(CONFIG.format(name=NAME, port=upstream_port, rate=100000))
-        token = secrets.token_urlsafe(24)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_ADMIN_TOKEN=token,
-                   GATEWAY_LOG_LEVEL=args.log_level, GATEWAY_URL=f"http://127.0.0.1:{gateway_port}")
-
-        upstream_base = f"http://127.0.0.1:{upstream_port}"
-        api = f"http://127.0.0.1:{gateway_port}"
-        upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record"])
-        gateway = h.spawn("gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)],
-                          env=env)
-        worker = h.spawn("worker", [sys.executable, "-m", "gateway", "worker"], env=env)
-        wait_http(f"{upstream_base}/_stats", upstream, expect=200, describe=lambda: h.log("upstream"))
-        wait_http(f"{api}/readyz", gateway, expect=200, describe=lambda: h.log("gateway"))
-        r = server.client()
+        upstream_port = free_port()
+        config = CONFIG.format(name=NAME, port=upstream_port, rate=100000)
+        stack = start_stack(h, config, upstream_port, args.log_level)
+        server, r, api, token = stack.server, stack.client, stack.api, stack.token
+        upstream_base, upstream, worker = stack.upstream_base, stack.upstream, stack.worker
         try:
-            _wait_worker(r, worker, lambda: h.log("worker"))
             paused = _admin(api, token, "pause")
             if paused.get("state") != "paused":
                 raise RuntimeError(f"the pause answered {paused}")
@@ -553,11 +522,8 @@ def main() -> int:
             )
         finally:
             r.close()
-        for name, process in (("gateway", gateway), ("worker", worker), ("upstream", upstream)):
-            if process.poll() is not None:
-                problems.append(
-                    f"{name} exited with {process.returncode} during the benchmark: {h.log(name)}"
-                )
+        for name, code in stack.exited():
+            problems.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
         worker_log = h.log("worker")
         errors = [ln for ln in worker_log.splitlines() if " ERROR " in ln or " WARNING " in ln]
         if errors:

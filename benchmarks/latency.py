@@ -39,13 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -57,7 +53,7 @@ import aiohttp
 import redis
 import uvloop
 
-from benchmarks._common import free_port, harness, print_table, start_redis, wait_http, webhook_body
+from benchmarks._common import free_port, harness, print_table, start_stack, webhook_body
 from gateway.keys import Keys
 
 NAME = "bench"
@@ -176,20 +172,6 @@ def _commandstats(r: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(s.get("calls", 0)) for name, s in stats.items()}
 
 
-def _wait_worker(r: redis.Redis, worker: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
-    """Until the worker's drainer polls Redis (an HMGET of the integration)."""
-    deadline = time.monotonic() + 30
-    while True:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode}\n{describe()}")
-        stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
-        if stats.get("cmdstat_hmget", {}).get("calls", 0) > 0:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not poll Redis within 30 s\n{describe()}")
-        time.sleep(0.05)
-
-
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile of sorted `values`."""
     if not values:
@@ -261,25 +243,10 @@ def main() -> int:
     notes: list[str] = []
 
     with harness("gateway-bench-latency-") as h:
-        server = start_redis(h)
-        upstream_port, gateway_port = free_port(), free_port()
-        config = h.directory / "gateway.toml"
-        config.write_text(CONFIG.format(name=NAME, port=upstream_port))
-        token = secrets.token_urlsafe(24)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_ADMIN_TOKEN=token,
-                   GATEWAY_LOG_LEVEL=args.log_level, GATEWAY_URL=f"http://127.0.0.1:{gateway_port}")
-        upstream_base = f"http://127.0.0.1:{upstream_port}"
-        api = f"http://127.0.0.1:{gateway_port}"
-        upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record"])
-        gateway = h.spawn("gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)],
-                          env=env)
-        worker = h.spawn("worker", [sys.executable, "-m", "gateway", "worker"], env=env)
-        wait_http(f"{upstream_base}/_stats", upstream, expect=200, describe=lambda: h.log("upstream"))
-        wait_http(f"{api}/readyz", gateway, expect=200, describe=lambda: h.log("gateway"))
-        r = server.client()
+        upstream_port = free_port()
+        stack = start_stack(h, CONFIG.format(name=NAME, port=upstream_port), upstream_port, args.log_level)
+        r, api, upstream_base = stack.client, stack.api, stack.upstream_base
         try:
-            _wait_worker(r, worker, lambda: h.log("worker"))
             for rate in rates:
                 print(f"sending {rate:g} events/s for {args.seconds:g} s...", file=sys.stderr, flush=True)
                 run = run_rate(r, api, upstream_base, body, rate, args)
@@ -288,9 +255,8 @@ def main() -> int:
                       f"p50 {percentile(run.latencies_ms, 50):.1f} ms", file=sys.stderr, flush=True)
         finally:
             r.close()
-        for name, process in (("gateway", gateway), ("worker", worker), ("upstream", upstream)):
-            if process.poll() is not None:
-                notes.append(f"{name} exited with {process.returncode} during the benchmark: {h.log(name)}")
+        for name, code in stack.exited():
+            notes.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
 
     lost = report(runs, body, args, notes)
     for note in notes:
