@@ -291,7 +291,7 @@ def test_hung_redis_gives_503_then_recovers(tmp_path: Path, upstream: Upstream) 
         after = gw.post("/hooks/crm", b'{"after":"hang"}')
         assert after.status_code == 202
         wait_until(lambda: after.json()["id"] in upstream.ids(), timeout=20)
-        assert httpx.get(gw.url + "/readyz", timeout=10).status_code == 200
+        wait_until(lambda: httpx.get(gw.url + "/readyz", timeout=10).status_code == 200)
     finally:
         if stopped:
             process.send_signal(signal.SIGCONT)
