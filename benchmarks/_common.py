@@ -1,5 +1,7 @@
-"""What both benchmarks share: free ports, child processes that are always ended, a redis-server of
-the benchmark's own, wrk runs with machine-readable results, and CPU accounting.
+"""What the benchmarks share: free ports, child processes that are always ended, a redis-server of
+the benchmark's own, the gateway stack, wrk runs with machine-readable results, an open-loop sender,
+Redis command counts, CPU and memory accounting, and the `Figure` rows of the suite's table
+(`python3 -m benchmarks`).
 
 Cleanup: every child is started through `Harness.spawn`, in its own session (so a Ctrl-C in the
 terminal reaches only the benchmark, which then ends its children in order) and with a parent-death
@@ -10,6 +12,7 @@ and removes its temporary directory, whatever way the `with` block is left.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -27,16 +30,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, cast
+from typing import IO, Any, cast
 
+import aiohttp
 import redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+KEY_PREFIX = "gw"  # the gateway's default; GATEWAY_KEY_PREFIX is removed from its environment
+INTEGRATION = "bench"  # the one integration of the benchmarks' configs
+WORKERS_KEY = f"{KEY_PREFIX}:workers"  # worker id -> last heartbeat ms
 _PR_SET_PDEATHSIG = 1
 
 
@@ -303,26 +310,57 @@ end
 
 @dataclass
 class GatewayStack:
-    """A redis-server, the recording upstream, `gateway serve` and one `gateway worker`."""
+    """A redis-server, the recording upstream, `gateway serve` and the `gateway worker`s started."""
 
     server: RedisServer
     client: redis.Redis
     api: str
     upstream_base: str
     token: str
+    env: dict[str, str]  # of the gateway processes: workers started later get the same
     upstream: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes]
-    worker: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        """The first worker (the benchmarks that run one)."""
+        return self.workers[0]
 
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit status) of each process of the stack that is no longer running."""
-        processes = (("gateway", self.gateway), ("worker", self.worker), ("upstream", self.upstream))
+        processes = [("gateway", self.gateway), ("upstream", self.upstream)]
+        processes += [(_worker_name(n), w) for n, w in enumerate(self.workers)]
         return [(name, code) for name, p in processes if (code := p.poll()) is not None]
 
 
-def start_stack(h: Harness, config_text: str, upstream_port: int, log_level: str) -> GatewayStack:
+def gateway_config(upstream_port: int, *, drain_rate_per_s: int | None = None,
+                   concurrency: int | None = None) -> str:
+    """The benchmarks' config: one integration, INTEGRATION, delivering to the local upstream
+    (loopback allowed by the SSRF guard); everything not given at the gateway's defaults."""
+    text = """\
+[gateway]
+max_body_bytes = 1048576
+allowed_networks = ["127.0.0.0/8"]
+"""
+    if concurrency is not None:
+        text += f"\n[worker]\nconcurrency = {concurrency}\n"
+    text += f"""
+[[integrations]]
+name = "{INTEGRATION}"
+target = "http://127.0.0.1:{upstream_port}/hook"
+"""
+    if drain_rate_per_s is not None:
+        text += f"drain_rate_per_s = {drain_rate_per_s}\n"
+    return text
+
+
+def start_stack(
+    h: Harness, config_text: str, upstream_port: int, log_level: str, *, workers: int = 1
+) -> GatewayStack:
     """Starts the stack with `config_text` (its integrations target the upstream on `upstream_port`)
-    and returns once the API is ready and the worker polls Redis. The caller closes `client`."""
+    and returns once the API is up and, when `workers` > 0, ready (/readyz wants a worker's
+    heartbeat). The caller closes `client`."""
     server = start_redis(h)
     gateway_port = free_port()
     config = h.directory / "gateway.toml"
@@ -336,25 +374,47 @@ def start_stack(h: Harness, config_text: str, upstream_port: int, log_level: str
     upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record"])
     serve = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)]
     gateway = h.spawn("gateway", serve, env=env)
-    worker = h.spawn("worker", [sys.executable, "-m", "gateway", "worker"], env=env)
-    wait_http(f"{upstream_base}/_stats", upstream, expect=200, describe=lambda: h.log("upstream"))
-    wait_http(f"{api}/readyz", gateway, expect=200, describe=lambda: h.log("gateway"))
-    client = server.client()
-    _wait_worker(client, worker, lambda: h.log("worker"))
-    return GatewayStack(server, client, api, upstream_base, token, upstream, gateway, worker)
+    stack = GatewayStack(server, server.client(), api, upstream_base, token, env, upstream, gateway)
+    try:
+        wait_http(f"{upstream_base}/_stats", upstream, expect=200, describe=lambda: h.log("upstream"))
+        wait_http(f"{api}/healthz", gateway, expect=200, describe=lambda: h.log("gateway"))
+        if workers:
+            start_workers(h, stack, workers)
+            wait_http(f"{api}/readyz", gateway, expect=200, describe=lambda: h.log("gateway"))
+    except BaseException:
+        stack.client.close()
+        raise
+    return stack
 
 
-def _wait_worker(r: redis.Redis, worker: subprocess.Popen[bytes], describe: Callable[[], str]) -> None:
-    """Until the worker's drainer polls Redis (an HMGET of the integration every 50 ms)."""
+def _worker_name(n: int) -> str:
+    return "worker" if n == 0 else f"worker{n + 1}"
+
+
+def start_workers(h: Harness, stack: GatewayStack, count: int, *, wait: bool = True) -> None:
+    """Starts `count` more `gateway worker` processes; with `wait`, returns once a worker's
+    heartbeat is in Redis (the worker is up and talks to Redis)."""
+    for _ in range(count):
+        name = _worker_name(len(stack.workers))
+        stack.workers.append(h.spawn(name, [sys.executable, "-m", "gateway", "worker"], env=stack.env))
+    if wait:
+        _wait_worker(stack.client, stack.workers, lambda: h.log("worker"))
+
+
+def _wait_worker(
+    r: redis.Redis, workers: Sequence[subprocess.Popen[bytes]], describe: Callable[[], str]
+) -> None:
+    """Until the heartbeat zset has a member. The worker's other Redis traffic is its own business
+    (it changes with its internals); the heartbeat is part of the gateway's contract (/readyz)."""
     deadline = time.monotonic() + 30
     while True:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.returncode}\n{describe()}")
-        stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
-        if stats.get("cmdstat_hmget", {}).get("calls", 0) > 0:
+        for worker in workers:
+            if worker.poll() is not None:
+                raise RuntimeError(f"a worker exited with {worker.returncode}\n{describe()}")
+        if int(cast(int, r.zcard(WORKERS_KEY))) > 0:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not poll Redis within 30 s\n{describe()}")
+            raise RuntimeError(f"no worker heartbeat in {WORKERS_KEY} within 30 s\n{describe()}")
         time.sleep(0.05)
 
 
@@ -434,3 +494,377 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(line(row))
+
+
+# --- Redis keys the benchmarks read: the state indexes, part of the gateway's admin contract -------
+
+STATES = ("held", "in_flight", "pending", "retrying", "delivered", "dead")
+
+
+def state_key(state: str, integration: str = INTEGRATION) -> str:
+    """The state index zset of `integration` (event id -> received ms)."""
+    return f"{KEY_PREFIX}:st:{integration}:{state}"
+
+
+class CountingRedis:
+    """A Redis client whose own commands are counted, so that they can be taken out of INFO
+    commandstats: what is left is the gateway's work (Redis counts the commands a Lua script runs
+    too, so this is Redis's work, not round trips)."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.own: dict[str, int] = {}
+
+    def _count(self, command: str, n: int = 1) -> None:
+        self.own[command] = self.own.get(command, 0) + n
+
+    def reset_stats(self) -> None:
+        """CONFIG RESETSTAT; Redis counts that call itself in the fresh stats."""
+        self.r.config_resetstat()
+        self.own = {"config|resetstat": 1}
+
+    def zcards(self, *keys: str) -> list[int]:
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(key)
+        self._count("zcard", len(keys))
+        return [int(cast(int, x)) for x in pipe.execute()]
+
+    def states(self) -> dict[str, int]:
+        """ZCARD of every state index of INTEGRATION."""
+        return dict(zip(STATES, self.zcards(*(state_key(s) for s in STATES)), strict=True))
+
+    def others(self) -> dict[str, int]:
+        """Calls per command since the last reset_stats, this client's own taken out (the INFO
+        that reads them is counted by Redis only after it has answered)."""
+        stats = cast(dict[str, dict[str, Any]], self.r.info("commandstats"))
+        calls = {name.removeprefix("cmdstat_"): int(s.get("calls", 0)) for name, s in stats.items()}
+        for command, n in self.own.items():
+            calls[command] = calls.get(command, 0) - n
+        self._count("info")
+        return {name: n for name, n in calls.items() if n > 0}
+
+
+def per_event_text(by_command: dict[str, int], events: int, top: int = 6) -> str:
+    """'zadd 3.0, hset 2.0, ...': the most called commands, in calls per event."""
+    ranked = sorted(by_command.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{name} {n / max(events, 1):.1f}" for name, n in ranked)
+
+
+def logged_warnings(log: str) -> list[str]:
+    """The warning and error lines of a gateway log, in either format (JSON, the default, says
+    "level":"warning"; console says WARNING), and any traceback."""
+    return [ln for ln in log.splitlines()
+            if any(mark in ln for mark in ('"level":"warning"', '"level":"error"', '"level":"critical"',
+                                           " WARNING ", " ERROR ", " CRITICAL ", "Traceback"))]
+
+
+# --- The recording upstream (benchmarks/_upstream.py --record) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamStats:
+    requests: int  # requests answered so far (its /_stats requests not included)
+    recorded: int  # webhook-ids kept so far
+    ids: list[str]  # those from the asked index on, in arrival order
+    times: list[float]  # their arrival times, time.time()
+
+
+def upstream_stats(base: str, start: int = 1 << 62) -> UpstreamStats:
+    """What the upstream got from its `start`-th webhook-id on (by default: the counts only)."""
+    with urllib.request.urlopen(f"{base}/_stats?from={start}", timeout=60) as response:
+        raw = json.loads(response.read())
+    return UpstreamStats(int(raw["requests"]), int(raw["recorded"]), [str(i) for i in raw["ids"]],
+                         [float(t) for t in raw["times"]])
+
+
+# --- Exactly N POSTs with wrk ------------------------------------------------------------------------
+
+# One wrk thread sends exactly `limit` POSTs, then only GET /healthz (which stores nothing) until
+# every POST is answered; then it stops, and writes `done_path` so that the benchmark ends wrk (whose
+# main thread would otherwise sleep for all of -d). A POST is any request not answered 200.
+_EXACT_LUA = """
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+wrk.headers["Content-Type"] = "application/json"
+
+local limit = %(limit)d
+-- Before the run, wrk calls request() once on thread 1's state to check the request
+-- (script_verify_request) and never sends that one: it is not counted.
+local issued = -1
+local post, health
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  post = wrk.format("POST", "%(path)s")
+  health = wrk.format("GET", "/healthz", {}, "")
+  statuses = {}
+  answered = 0
+end
+
+function request()
+  issued = issued + 1
+  if issued <= limit then
+    return post
+  end
+  return health
+end
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if status ~= 200 then
+    answered = answered + 1
+    if answered == limit then
+      local f = io.open("%(done_path)s", "w")
+      f:write("done")
+      f:close()
+      wrk.thread:stop()
+    end
+  end
+end
+
+function done(summary, latency, requests)
+  local parts = {}
+  for status, n in pairs(threads[1]:get("statuses")) do
+    table.insert(parts, string.format('"%%d":%%d', status, n))
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests":%%d,"duration_us":%%d,"errors":%%d,"statuses":{%%s}}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
+    table.concat(parts, ",")))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Posted:
+    statuses: dict[int, int]  # of the POSTs: status -> count
+    socket_errors: int
+    seconds: float  # from the start of wrk to the last answer (or the stall)
+    stalled_at: int | None  # the progress count that stopped moving, when it did
+
+    @property
+    def posts(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def accepted(self) -> int:
+        return self.statuses.get(202, 0)
+
+    def problems(self, what: str) -> list[str]:
+        out = []
+        others = {s: n for s, n in self.statuses.items() if s != 202}
+        if others:
+            out.append(f"{what}: answers other than 202: {others}")
+        if self.socket_errors:
+            out.append(f"{what}: {self.socket_errors} socket errors/timeouts")
+        if self.stalled_at is not None:
+            out.append(f"{what}: the events stored stopped growing at {self.stalled_at}")
+        return out
+
+
+def post_exactly(
+    h: Harness, base_url: str, path: str, body: bytes, count: int, *, connections: int,
+    progress: Callable[[], int], quiet_s: float,
+) -> Posted:
+    """wrk (one thread, `connections` keep-alive connections) POSTs `body` to `path` exactly `count`
+    times: how the benchmarks preload events fast, from a separate process. `progress` (e.g. a
+    ZCARD) tells whether the events still arrive: wrk is stopped if it stands still for `quiet_s`."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (Debian package wrk)")
+    text = body.decode()
+    if "]==]" in text:
+        raise ValueError("the body cannot be put in a Lua long string")
+    done_path = h.directory / "wrk.done"
+    done_path.unlink(missing_ok=True)
+    script = h.directory / "exact.lua"
+    script.write_text(_EXACT_LUA % {"body": text, "limit": count, "path": path, "done_path": str(done_path)})
+    started = time.monotonic()
+    process = h.spawn(
+        "wrk",
+        [wrk, "-t", "1", "-c", str(connections), "-d", "3600s", "--timeout", "10s", "-s", str(script),
+         base_url],
+        stdout_to_log=False,
+    )
+    stalled_at = _wait_done(process, done_path, progress, quiet_s)
+    seconds = time.monotonic() - started
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)  # wrk prints its results on SIGINT
+    out, _ = process.communicate(timeout=60)
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result: {out.decode(errors='replace')}{h.log('wrk')}")
+    raw = json.loads(line.removeprefix("WRK_RESULT "))
+    statuses = {int(k): int(v) for k, v in raw["statuses"].items() if int(k) != 200}
+    return Posted(statuses, int(raw["errors"]), seconds, stalled_at)
+
+
+def _wait_done(
+    process: subprocess.Popen[bytes], done_path: Path, progress: Callable[[], int], quiet_s: float
+) -> int | None:
+    """Until wrk has every answer (or exited); the progress count if it stood still for `quiet_s`."""
+    last, since = -1, time.monotonic()
+    while process.poll() is None and not done_path.exists():
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > quiet_s:
+            return now
+        time.sleep(0.05)
+    return None
+
+
+# --- An open-loop sender: a helpdesk sending at a fixed rate, whatever the answers -------------------
+
+
+@dataclass
+class Sent:
+    sent: int = 0  # POSTs issued
+    accepted: dict[str, float] = field(default_factory=dict)  # event id -> send time (time.time())
+    answer_ms: list[float] = field(default_factory=list)  # send -> 202 answer, of each accepted
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    seconds: float = 0.0  # from the first POST to the last one issued
+    lag_max_s: float = 0.0  # how late the sender issued a POST behind its schedule, at most
+
+    def notes(self, what: str) -> list[str]:
+        """Anomalies worth a line: answers other than 202, send errors, a sender behind schedule."""
+        out = []
+        others = {s: n for s, n in self.statuses.items() if s != 202}
+        if others:
+            out.append(f"{what}: answers other than 202: {others}")
+        if self.error_count:
+            out.append(f"{what}: {self.error_count} send errors, e.g. {self.errors}")
+        if self.lag_max_s > 0.05:
+            out.append(f"{what}: the sender fell up to {self.lag_max_s * 1000:.0f} ms behind its schedule")
+        return out
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, out: Sent) -> None:
+    sent_at = time.time()
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+            raw = await response.read()
+            out.statuses[response.status] = out.statuses.get(response.status, 0) + 1
+            if response.status == 202:
+                out.accepted[str(json.loads(raw)["id"])] = sent_at
+                out.answer_ms.append((time.time() - sent_at) * 1000)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        out.error_count += 1
+        if len(out.errors) < 5:
+            out.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+async def send_open_loop(url: str, body: bytes, rate: float, seconds: float) -> Sent:
+    """Open loop: the k-th POST starts at start + k / rate, each in a task of its own, so a slow
+    answer delays no later POST (a closed loop would hide latency by sending less)."""
+    out = Sent()
+    count = max(int(rate * seconds), 1)
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        start = loop.time() + 0.05
+        first = last = 0.0
+        for k in range(count):
+            due = start + k / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = loop.time()
+            out.lag_max_s = max(out.lag_max_s, now - due)
+            if k == 0:
+                first = now
+            last = now
+            task = asyncio.create_task(_post(session, url, body, out))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            out.sent += 1
+        out.seconds = max(last - first, 1 / rate) if count > 1 else 1 / rate
+        if tasks:
+            await asyncio.gather(*tasks)
+    return out
+
+
+# --- Memory of a process -----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid` (this kernel has no /proc/PID/task/TID/children: scan /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of `pid` and of its descendants (a server that forks is measured whole)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+            todo += _children(current)
+    return total
+
+
+# --- The suite's table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the suite's table: a figure beside its baseline measured in the same run and its
+    target. `met` is None where there is no target; the suite reports it but never fails on it (a
+    figure on a shared machine is not a test)."""
+
+    part: str
+    measure: str
+    value: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    met: bool | None = None
+
+
+@dataclass
+class Outcome:
+    """What one benchmark gives the suite: its figures, failed correctness checks (lost or
+    duplicated events, errors: exit status 1), notes (anomalies that fail nothing) and details (lines
+    of its own report that the suite repeats under its table, such as Redis calls by command)."""
+
+    figures: list[Figure] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+    def exit_status(self) -> int:
+        """Prints the notes and failed checks, as a benchmark run alone ends; 1 if a check failed."""
+        for note in self.notes:
+            print(f"NOTE {note}")
+        for problem in self.problems:
+            print(f"CHECK FAILED {problem}")
+        return 1 if self.problems else 0
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """How each benchmark run alone ends: its exit status, or 130 after a Ctrl-C (its children are
+    ended by `harness` on the way out)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: everything the benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -27,7 +27,7 @@ what is measured) and a random GATEWAY_ADMIN_TOKEN. Then:
    90 % delivered, without the start and the tail).
 
 Checked (exit status 1 when a check fails): every POST was answered 202 with no socket error; the
-held index holds as many events as 202 answers, and no event went to the delivery queue; after the
+held index holds as many events as 202 answers, and none is pending or in flight; after the
 drain every held event is delivered (ZCARD delivered == held, nothing dead, retrying, held or in
 flight), each with exactly one attempt in its attempt log; the upstream received exactly that many
 requests, with as many distinct webhook-ids, which are the held ids in the held index's order.
@@ -71,105 +71,41 @@ import redis
 import uvloop
 
 from benchmarks._common import (
+    INTEGRATION,
+    KEY_PREFIX,
+    CountingRedis,
+    Figure,
     Harness,
+    Outcome,
     cpu_seconds,
     free_port,
+    gateway_config,
     harness,
+    logged_warnings,
+    post_exactly,
     print_table,
+    run_main,
     run_queue_seconds,
     start_stack,
+    state_key,
+    upstream_stats,
     webhook_body,
 )
 from gateway.keys import Keys
 
-NAME = "bench"
-KEYS = Keys("gw")  # the gateway's default prefix; GATEWAY_KEY_PREFIX is removed from its environment
-HELD = KEYS.state_index(NAME, "held")
-STATES = ("held", "in_flight", "pending", "retrying", "delivered", "dead")
+NAME = INTEGRATION
+KEYS = Keys(KEY_PREFIX)  # event and request keys, for the memory breakdown and the attempt logs
+HELD = state_key("held")
 MEMORY_SAMPLES = 200
-CONFIG = """\
-[gateway]
-max_body_bytes = 1048576
-allowed_networks = ["127.0.0.0/8"]
-
-[[integrations]]
-name = "{name}"
-target = "http://127.0.0.1:{port}/hook"
-drain_rate_per_s = {rate}
-"""
-
-# One wrk thread sends exactly `limit` POSTs, then only GET /healthz (which stores nothing) until
-# every POST is answered; then it stops, and writes `done_path` so that the benchmark ends wrk (whose
-# main thread would otherwise sleep for all of -d). A POST is any request not answered 200.
-_WRK_LUA = """
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-wrk.headers["Content-Type"] = "application/json"
-
-local limit = %(limit)d
--- Before the run, wrk calls request() once on thread 1's state to check the request
--- (script_verify_request) and never sends that one: it is not counted.
-local issued = -1
-local post, health
-local threads = {}
-
-function setup(thread)
-  table.insert(threads, thread)
-end
-
-function init(args)
-  post = wrk.format("POST", "%(path)s")
-  health = wrk.format("GET", "/healthz", {}, "")
-  statuses = {}
-  answered = 0
-end
-
-function request()
-  issued = issued + 1
-  if issued <= limit then
-    return post
-  end
-  return health
-end
-
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-  if status ~= 200 then
-    answered = answered + 1
-    if answered == limit then
-      local f = io.open("%(done_path)s", "w")
-      f:write("done")
-      f:close()
-      wrk.thread:stop()
-    end
-  end
-end
-
-function done(summary, latency, requests)
-  local parts = {}
-  for status, n in pairs(threads[1]:get("statuses")) do
-    table.insert(parts, string.format('"%%d":%%d', status, n))
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_RESULT {"requests":%%d,"duration_us":%%d,"errors":%%d,"statuses":{%%s}}\\n',
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
-    table.concat(parts, ",")))
-end
-"""
+DRAIN_RATE, BEYOND_BODY_BYTES = 1000.0, 1024  # the integration-health issue's aims
 
 
 @dataclass
 class Ingest:
     posts: int  # POSTs wrk sent
-    statuses: dict[int, int]  # of the POSTs: status -> count
-    socket_errors: int
+    accepted: int  # of them answered 202
     seconds: float  # from the first POST to the moment every event was in Redis
     held: int  # ZCARD of the held index afterwards
-
-    @property
-    def accepted(self) -> int:
-        return self.statuses.get(202, 0)
 
 
 @dataclass
@@ -215,12 +151,7 @@ def _int(value: Any) -> int:
 
 
 def _zcards(r: redis.Redis) -> dict[str, int]:
-    pipe = r.pipeline(transaction=False)
-    for state in STATES:
-        pipe.zcard(KEYS.state_index(NAME, state))
-    pipe.zcard(KEYS.queue)
-    replies = pipe.execute()
-    return {**dict(zip(STATES, map(_int, replies), strict=False)), "queue": _int(replies[-1])}
+    return CountingRedis(r).states()
 
 
 def _memory(r: redis.Redis) -> tuple[int, int]:
@@ -252,71 +183,20 @@ def _admin(base: str, token: str, action: str) -> dict[str, Any]:
         return cast(dict[str, Any], json.loads(response.read()))
 
 
-def _upstream_stats(base: str, start: int) -> tuple[int, int, list[str]]:
-    """(requests the upstream has answered, webhook-ids it kept, those from the `start`-th on)."""
-    with urllib.request.urlopen(f"{base}/_stats?from={start}", timeout=60) as response:
-        raw = json.loads(response.read())
-    return int(raw["requests"]), int(raw["recorded"]), [str(i) for i in raw["ids"]]
-
-
 def ingest(
     h: Harness, url_base: str, r: redis.Redis, body: bytes, args: argparse.Namespace, problems: list[str]
 ) -> Ingest:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise RuntimeError("wrk is not installed (Debian package wrk)")
-    text = body.decode()
-    if "]==]" in text:
-        raise ValueError("the body cannot be put in a Lua long string")
-    done_path = h.directory / "wrk.done"
-    script = h.directory / "post.lua"
-    script.write_text(_WRK_LUA % {"body": text, "limit": args.events, "path": f"/hooks/{NAME}",
-                                  "done_path": str(done_path)})
-    started = time.monotonic()
-    process = h.spawn(
-        "wrk",
-        [wrk, "-t", "1", "-c", str(args.connections), "-d", "3600s", "--timeout", "10s", "-s", str(script),
-         url_base],
-        stdout_to_log=False,
-    )
-    # wrk's main thread sleeps for all of -d: end it (SIGINT makes it print its results) once every
-    # POST is answered, or once the held index has not grown for `--quiet` seconds (a lost POST).
-    last, since = -1, time.monotonic()
-    while True:
-        if process.poll() is not None:
-            break
-        if done_path.exists():
-            break
-        held = _int(r.zcard(HELD))
-        if held != last:
-            last, since = held, time.monotonic()
-        elif time.monotonic() - since > args.quiet:
-            problems.append(f"ingest: the held index stopped growing at {held} of {args.events} events")
-            break
-        time.sleep(0.05)
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=60)
-    line = next((ln for ln in out.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no result: {out.decode(errors='replace')}{h.log('wrk')}")
-    raw = json.loads(line.removeprefix("WRK_RESULT "))
+    posted = post_exactly(h, url_base, f"/hooks/{NAME}", body, args.events, connections=args.connections,
+                          progress=lambda: _int(r.zcard(HELD)), quiet_s=args.quiet)
     # The gateway answers 202 after the write: once all are answered, every event is in Redis.
     held = _int(r.zcard(HELD))
-    seconds = time.monotonic() - started
-    statuses = {int(k): int(v) for k, v in raw["statuses"].items() if int(k) != 200}
-    result = Ingest(sum(statuses.values()), statuses, int(raw["errors"]), seconds, held)
-    others = {s: n for s, n in statuses.items() if s != 202}
-    if others:
-        problems.append(f"ingest: answers other than 202: {others}")
-    if result.socket_errors:
-        problems.append(f"ingest: {result.socket_errors} socket errors/timeouts")
-    if result.accepted != held:
-        problems.append(f"ingest: {result.accepted} answers 202 but {held} held events")
+    problems += posted.problems("ingest")
+    if posted.accepted != held:
+        problems.append(f"ingest: {posted.accepted} answers 202 but {held} held events")
     counts = _zcards(r)
-    if counts["pending"] or counts["queue"] or counts["in_flight"]:
+    if counts["pending"] or counts["in_flight"]:
         problems.append(f"ingest: events not held while paused: {counts}")
-    return result
+    return Ingest(posted.posts, posted.accepted, posted.seconds, held)
 
 
 def memory_breakdown(
@@ -440,8 +320,8 @@ def check_delivery(
     if counts["delivered"] != held or counts["dead"] or counts["held"] or counts["in_flight"] \
             or counts["retrying"] or counts["pending"]:
         problems.append(f"drain: {held} held events ended as {counts}")
-    requests, _, ids = _upstream_stats(upstream_base, recorded_before)
-    requests -= requests_before
+    got = upstream_stats(upstream_base, recorded_before)
+    requests, ids = got.requests - requests_before, got.ids
     distinct = len(set(ids))
     if requests != held:
         problems.append(f"drain: the upstream got {requests} requests for {held} held events")
@@ -466,76 +346,108 @@ def check_delivery(
     return Delivery(requests, distinct, attempts, http_ms)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--events", type=int, default=100_000, help="events to hold, then drain")
-    parser.add_argument("--body-bytes", type=int, default=500)
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections while ingesting")
-    parser.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
-    parser.add_argument("--quiet", type=float, default=30.0,
-                        help="fail when the held (or delivered) count does not move for this many s")
-    parser.add_argument("--profile", metavar="FILE", help="py-spy the worker during the drain into FILE")
-    args = parser.parse_args()
-    if args.events < 1:
-        parser.error("--events must be at least 1")
+@dataclass
+class Measured:
+    got: Ingest
+    memory: Memory
+    base: Rate
+    drained: Rate
+    delivery: Delivery
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=100_000, help="events to hold, then drain")
+    p.add_argument("--body-bytes", type=int, default=500)
+    p.add_argument("--connections", type=int, default=32, help="wrk connections while ingesting")
+    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    p.add_argument("--quiet", type=float, default=30.0,
+                   help="fail when the held (or delivered) count does not move for this many s")
+    p.add_argument("--profile", metavar="FILE", help="py-spy the worker during the drain into FILE")
+    return p
+
+
+def measure(h: Harness, args: argparse.Namespace, body: bytes, problems: list[str]) -> Measured:
+    """Hold, measure memory, run the baseline, drain, check: on one stack."""
+    upstream_port = free_port()
+    config = gateway_config(upstream_port, drain_rate_per_s=100000)
+    stack = start_stack(h, config, upstream_port, args.log_level)
+    server, r, api, token = stack.server, stack.client, stack.api, stack.token
+    upstream_base, upstream, worker = stack.upstream_base, stack.upstream, stack.worker
+    try:
+        paused = _admin(api, token, "pause")
+        if paused.get("state") != "paused":
+            raise RuntimeError(f"the pause answered {paused}")
+        mem_before = _settled_memory(r)
+
+        print(f"drain: ingesting {args.events} events (paused: held)...", file=sys.stderr, flush=True)
+        got = ingest(h, api, r, body, args, problems)
+        mem_after = _settled_memory(r)
+        order = [x.decode() for x in cast(list[bytes], r.zrange(HELD, 0, -1))]
+        memory = memory_breakdown(r, order, mem_before, mem_after)
+        print(f"  {got.held} held in {got.seconds:.1f} s; "
+              f"{memory.per_event(got.held):.0f} bytes of Redis memory each", file=sys.stderr, flush=True)
+
+        print(f"drain: baseline, {args.events} serial POSTs with aiohttp...", file=sys.stderr, flush=True)
+        requests_before = upstream_stats(upstream_base).requests
+        base = baseline(f"{upstream_base}/hook", body, args.events, upstream.pid, problems)
+        after = upstream_stats(upstream_base)
+        if after.requests - requests_before != args.events:
+            problems.append(f"baseline: the upstream counted {after.requests - requests_before} "
+                            f"requests for {args.events}")
+        print(f"  {base.rate:.0f} requests/s", file=sys.stderr, flush=True)
+
+        # The ids the upstream kept so far are the baseline's: the drain's come after them.
+        print(f"drain: draining {got.held} events...", file=sys.stderr, flush=True)
+        pids = {"worker": worker.pid, "upstream": upstream.pid, "redis": server.process.pid}
+        drained = drain(h, api, token, r, got.held, pids, args, problems)
+        print(f"  {drained.rate:.0f} events/s", file=sys.stderr, flush=True)
+        delivery = check_delivery(r, upstream_base, after.recorded, after.requests, order, problems)
+    finally:
+        r.close()
+    for name, code in stack.exited():
+        problems.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
+    errors = logged_warnings(h.log("worker"))
+    if errors:
+        problems.append(f"the worker logged {len(errors)} warnings/errors, the first: {errors[0]}")
+    return Measured(got, memory, base, drained, delivery)
+
+
+def run(args: argparse.Namespace) -> Outcome:
+    """The whole benchmark: prints its table; the figures and checks."""
     body = webhook_body(args.body_bytes)
-    problems: list[str] = []
-
+    outcome = Outcome()
     with harness("gateway-bench-drain-") as h:
-        upstream_port = free_port()
-        config = CONFIG.format(name=NAME, port=upstream_port, rate=100000)
-        stack = start_stack(h, config, upstream_port, args.log_level)
-        server, r, api, token = stack.server, stack.client, stack.api, stack.token
-        upstream_base, upstream, worker = stack.upstream_base, stack.upstream, stack.worker
-        try:
-            paused = _admin(api, token, "pause")
-            if paused.get("state") != "paused":
-                raise RuntimeError(f"the pause answered {paused}")
-            mem_before = _settled_memory(r)
+        m = measure(h, args, body, outcome.problems)
+    report(args, body, m.got, m.memory, m.base, m.drained, m.delivery)
+    if not outcome.problems:
+        print(f"checks: all {m.got.posts} POSTs answered 202 and held; all {m.got.held} delivered, each with "
+              "one attempt; the upstream got each webhook-id once, in the held order")
+    outcome.figures = figures(m, body)
+    return outcome
 
-            print(f"ingesting {args.events} events (paused: they are held)...", file=sys.stderr, flush=True)
-            got = ingest(h, api, r, body, args, problems)
-            mem_after = _settled_memory(r)
-            order = [x.decode() for x in cast(list[bytes], r.zrange(HELD, 0, -1))]
-            memory = memory_breakdown(r, order, mem_before, mem_after)
-            print(f"  {got.held} held in {got.seconds:.1f} s; "
-                  f"{memory.per_event(got.held):.0f} bytes of Redis memory each", file=sys.stderr, flush=True)
 
-            print(f"baseline: {args.events} serial POSTs with aiohttp...", file=sys.stderr, flush=True)
-            requests_before, _, _ = _upstream_stats(upstream_base, 1 << 62)
-            base = baseline(f"{upstream_base}/hook", body, args.events, upstream.pid, problems)
-            requests_after, recorded, _ = _upstream_stats(upstream_base, 1 << 62)
-            if requests_after - requests_before != args.events:
-                problems.append(f"baseline: the upstream counted {requests_after - requests_before} "
-                                f"requests for {args.events}")
-            print(f"  {base.rate:.0f} requests/s", file=sys.stderr, flush=True)
+def figures(m: Measured, body: bytes) -> list[Figure]:
+    """Rows of the suite's table: the drain beside a serial aiohttp loop, memory beside the body."""
+    held = max(m.got.held, 1)
+    per_event = m.memory.per_event(held)
+    beyond = per_event - len(body)
+    return [
+        Figure("drain", f"drain of {m.got.held} held events, 1 worker: events/s", f"{m.drained.rate:.0f}",
+               f"serial aiohttp loop {m.base.rate:.0f}/s", f"{m.drained.rate / m.base.rate:.2f}",
+               f">= {DRAIN_RATE:.0f}/s", m.drained.rate >= DRAIN_RATE),
+        Figure("drain", "Redis memory per held event beyond its body", f"{beyond:.0f} B",
+               f"body {len(body)} B (total {per_event:.0f} B)", f"{per_event / len(body):.2f}",
+               f"<= {BEYOND_BODY_BYTES} B", beyond <= BEYOND_BODY_BYTES),
+    ]
 
-            # The ids the upstream kept so far are the baseline's: the drain's come after them.
-            print(f"draining {got.held} events...", file=sys.stderr, flush=True)
-            pids = {"worker": worker.pid, "upstream": upstream.pid, "redis": server.process.pid}
-            drained = drain(h, api, token, r, got.held, pids, args, problems)
-            print(f"  {drained.rate:.0f} events/s", file=sys.stderr, flush=True)
-            delivery = check_delivery(
-                r, upstream_base, recorded, requests_after, order, problems
-            )
-        finally:
-            r.close()
-        for name, code in stack.exited():
-            problems.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
-        worker_log = h.log("worker")
-        errors = [ln for ln in worker_log.splitlines() if " ERROR " in ln or " WARNING " in ln]
-        if errors:
-            problems.append(f"the worker logged {len(errors)} warnings/errors, the first: {errors[0]}")
 
-    report(args, body, got, memory, base, drained, delivery)
-    for p in problems:
-        print(f"CHECK FAILED {p}")
-    if not problems:
-        print(f"checks: all {got.posts} POSTs answered 202 and held; all {got.held} delivered, each with one "
-              "attempt; the upstream got each webhook-id once, in the held order")
-    return 1 if problems else 0
+def main() -> int:
+    p = parser()
+    args = p.parse_args()
+    if args.events < 1:
+        p.error("--events must be at least 1")
+    return run(args).exit_status()
 
 
 def report(
@@ -548,8 +460,8 @@ def report(
     rest = per_event - memory.event_hash - memory.request_string
     head = memory.request_bytes - len(body) - 1
     evalsha = drained.script_calls.get("evalsha", (0, 0))
-    aim_rate = "met" if drained.rate >= 1000 else "MISSED"
-    aim_memory = "met" if beyond <= 1024 else "MISSED"
+    aim_rate = "met" if drained.rate >= DRAIN_RATE else "MISSED"
+    aim_memory = "met" if beyond <= BEYOND_BODY_BYTES else "MISSED"
     rows = [
         ["held events (ZCARD) / POSTs answered 202", f"{got.held} / {got.accepted}", ""],
         ["ingest while paused", f"{got.held / got.seconds:.0f} events/s", "wrk -t1 "
@@ -591,8 +503,4 @@ def report(
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: everything the benchmark started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -1,6 +1,9 @@
 """End-to-end latency of one worker at fixed ingest rates, and Redis commands per delivered event.
 
-    python3 benchmarks/latency.py [--rates 50,200,1000] [--seconds 10] [--body-bytes 500]
+    python3 benchmarks/latency.py [--rates 50,200,1000:60] [--seconds 10] [--body-bytes 500]
+
+`--rates` lists events/s, each optionally with its own duration in seconds after a colon (the
+others send for `--seconds`): `50:20,200:20,1000:60` is what `python3 -m benchmarks` runs.
 
 Starts everything it needs: a redis-server of its own on a free port (no snapshots, no AOF), the
 upstream, benchmarks/_upstream.py --record (keeps each webhook-id with its arrival time.time()), the
@@ -19,13 +22,15 @@ seconds without progress. Then:
 - latency of each event = its arrival time at the upstream - its send time: p50, p95, p99, max (the
   upstream and this process share the machine's clock);
 - achieved rate = 202 answers / the sending time (first POST to last POST);
+- the time to the 202 answer (p50, p99): what the helpdesk waits, the ingest's share of the latency,
+  shown beside it as its baseline in the suite's table;
 - backlog at the end of the sending: pending + retrying events left (the worker kept up if it is a
   handful, i.e. about what arrives within a latency);
 - Redis commands per delivered event: the sum of `calls` over INFO commandstats after every event was
   delivered, divided by the events delivered; it includes every client's commands: the API's, the
-  worker's (arq's polling of its queue, the drainer's, the heartbeats', ...), and this benchmark's
-  own polling, which is counted and subtracted (the CONFIG RESETSTAT and the final INFO are not
-  counted by Redis either way). Since arq and the drainer poll on timers, the idle share per event
+  worker's (its polling, the heartbeats', ...), and this benchmark's
+  own polling, which is counted and subtracted (so are the CONFIG RESETSTAT, which Redis counts in
+  the fresh stats, and earlier INFO calls). Since workers poll on timers, the idle share per event
   is larger at low rates. Redis's commandstats also count the commands a Lua script runs (besides
   the EVALSHA itself), so this is Redis's work per event, not round trips; the calls per event of the
   six most called commands are printed under the table.
@@ -37,56 +42,46 @@ table is printed anyway). Other anomalies (non-202 answers, send errors) are pri
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 if __package__ in (None, ""):  # run as `python3 benchmarks/latency.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiohttp
 import redis
 import uvloop
 
-from benchmarks._common import free_port, harness, print_table, start_stack, webhook_body
-from gateway.keys import Keys
+from benchmarks._common import (
+    INTEGRATION,
+    CountingRedis,
+    Figure,
+    Outcome,
+    Sent,
+    free_port,
+    gateway_config,
+    harness,
+    per_event_text,
+    print_table,
+    run_main,
+    send_open_loop,
+    start_stack,
+    state_key,
+    upstream_stats,
+    webhook_body,
+)
 
-NAME = "bench"
-KEYS = Keys("gw")  # the gateway's default prefix; GATEWAY_KEY_PREFIX is removed from its environment
-DELIVERED = KEYS.state_index(NAME, "delivered")
-PENDING = KEYS.state_index(NAME, "pending")
-RETRYING = KEYS.state_index(NAME, "retrying")
-DEAD = KEYS.state_index(NAME, "dead")
-CONFIG = """\
-[gateway]
-max_body_bytes = 1048576
-allowed_networks = ["127.0.0.0/8"]
-
-[[integrations]]
-name = "{name}"
-target = "http://127.0.0.1:{port}/hook"
-"""
-
-
-@dataclass
-class Sent:
-    sent: int = 0  # POSTs issued
-    accepted: dict[str, float] = field(default_factory=dict)  # event id -> send time (time.time())
-    statuses: dict[int, int] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    error_count: int = 0
-    seconds: float = 0.0  # from the first POST to the last one issued
-    lag_max_s: float = 0.0  # how late the sender issued a POST behind its schedule, at most
+DELIVERED, DEAD = state_key("delivered"), state_key("dead")
+PENDING, RETRYING = state_key("pending"), state_key("retrying")
+P50_MS, P99_MS, AT_RATE = 20.0, 100.0, 200.0  # the performance issue's targets at 200 events/s
+SUSTAINED_RATE = 1000.0  # ... and a backlog that does not grow at 1,000 events/s
 
 
 @dataclass
 class Run:
     rate: float
+    seconds: float  # how long it was asked to send
     sent: Sent
     backlog: int  # pending + retrying when the sending ended
     delivered: int  # events delivered during this run
@@ -94,82 +89,20 @@ class Run:
     drain_s: float  # from the end of the sending to the last delivery
     latencies_ms: list[float]
     missing: int  # accepted ids the upstream never got
-    commands: int  # Redis commands, without this benchmark's own
-    by_command: dict[str, int]  # calls per command, this benchmark's own included
+    by_command: dict[str, int]  # Redis calls per command, without this benchmark's own
 
+    @property
+    def commands(self) -> int:
+        return sum(self.by_command.values())
 
-class Counter:
-    """A Redis client whose commands are counted, so that they can be taken out of commandstats."""
+    @property
+    def per_event(self) -> float:
+        return self.commands / self.delivered if self.delivered else float("nan")
 
-    def __init__(self, r: redis.Redis) -> None:
-        self.r = r
-        self.commands = 0
-
-    def zcards(self, *keys: str) -> list[int]:
-        pipe = self.r.pipeline(transaction=False)
-        for key in keys:
-            pipe.zcard(key)
-        self.commands += len(keys)
-        return [int(cast(int, x)) for x in pipe.execute()]
-
-
-async def _post(
-    session: aiohttp.ClientSession, url: str, body: bytes, out: Sent
-) -> None:
-    sent_at = time.time()
-    try:
-        async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
-            raw = await response.read()
-            out.statuses[response.status] = out.statuses.get(response.status, 0) + 1
-            if response.status == 202:
-                out.accepted[str(json.loads(raw)["id"])] = sent_at
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        out.error_count += 1
-        if len(out.errors) < 5:
-            out.errors.append(f"{type(exc).__name__}: {exc}")
-
-
-async def _send(url: str, body: bytes, rate: float, seconds: float) -> Sent:
-    """Open loop: the k-th POST starts at start + k / rate, each in a task of its own."""
-    out = Sent()
-    count = max(int(rate * seconds), 1)
-    connector = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task[None]] = set()
-        start = loop.time() + 0.05
-        first = last = 0.0
-        for k in range(count):
-            due = start + k / rate
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = loop.time()
-            out.lag_max_s = max(out.lag_max_s, now - due)
-            if k == 0:
-                first = now
-            last = now
-            task = asyncio.create_task(_post(session, url, body, out))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            out.sent += 1
-        out.seconds = max(last - first, 1 / rate) if count > 1 else 1 / rate
-        if tasks:
-            await asyncio.gather(*tasks)
-    return out
-
-
-def _upstream_since(base: str, start: int) -> tuple[int, list[str], list[float]]:
-    """(ids the upstream kept so far, those from the `start`-th on, their arrival times)."""
-    with urllib.request.urlopen(f"{base}/_stats?from={start}", timeout=60) as response:
-        raw = json.loads(response.read())
-    return int(raw["recorded"]), [str(i) for i in raw["ids"]], [float(t) for t in raw["times"]]
-
-
-def _commandstats(r: redis.Redis) -> dict[str, int]:
-    """Command name -> calls since the last CONFIG RESETSTAT."""
-    stats = cast(dict[str, dict[str, Any]], r.info("commandstats"))
-    return {name.removeprefix("cmdstat_"): int(s.get("calls", 0)) for name, s in stats.items()}
+    @property
+    def grew(self) -> bool:
+        """The backlog grew: more left at the end than a tenth of a second's events (min 10)."""
+        return self.backlog > max(self.rate * 0.1, 10)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -180,140 +113,176 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(rank, len(values)) - 1]
 
 
-def run_rate(
-    r: redis.Redis, api: str, upstream_base: str, body: bytes, rate: float, args: argparse.Namespace
-) -> Run:
-    recorded_before, _, _ = _upstream_since(upstream_base, 1 << 62)
-    mine = Counter(r)
-    delivered_before, dead_before = mine.zcards(DELIVERED, DEAD)
-    r.config_resetstat()
-    mine.commands = 0
-
-    sent = uvloop.run(_send(f"{api}/hooks/{NAME}", body, rate, args.seconds))
-    ended = time.monotonic()
-    pending, retrying = mine.zcards(PENDING, RETRYING)
-
-    want = len(sent.accepted)
-    last_count, since = -1, time.monotonic()
-    last_progress = ended
+def _wait_delivered(
+    mine: CountingRedis, before: tuple[int, int], want: int, grace: float
+) -> tuple[int, int, float]:
+    """Until `want` more events are delivered or dead, or none was for `grace` s; returns (delivered,
+    dead, monotonic time of the last progress)."""
+    last_count, last_progress = -1, time.monotonic()
     while True:
         delivered, dead = mine.zcards(DELIVERED, DEAD)
-        delivered -= delivered_before
-        dead -= dead_before
+        delivered, dead = delivered - before[0], dead - before[1]
         now = time.monotonic()
         if delivered + dead != last_count:
-            last_count, since, last_progress = delivered + dead, now, now
-        if delivered + dead >= want or now - since > args.grace:
-            break
+            last_count, last_progress = delivered + dead, now
+        if delivered + dead >= want or now - last_progress > grace:
+            return delivered, dead, last_progress
         time.sleep(0.05)
-    by_command = _commandstats(r)
-    commands = sum(by_command.values()) - mine.commands
 
-    _, ids, times = _upstream_since(upstream_base, recorded_before)
+
+def run_rate(
+    r: redis.Redis, api: str, upstream_base: str, body: bytes, rate: float, seconds: float, grace: float
+) -> Run:
+    recorded_before = upstream_stats(upstream_base).recorded
+    mine = CountingRedis(r)
+    before = mine.zcards(DELIVERED, DEAD)
+    mine.reset_stats()
+
+    sent = uvloop.run(send_open_loop(f"{api}/hooks/{INTEGRATION}", body, rate, seconds))
+    ended = time.monotonic()
+    pending, retrying = mine.zcards(PENDING, RETRYING)
+    delivered, dead, last_progress = _wait_delivered(mine, (before[0], before[1]), len(sent.accepted), grace)
+    by_command = mine.others()
+
+    got = upstream_stats(upstream_base, recorded_before)
     arrivals: dict[str, float] = {}
-    for event_id, at in zip(ids, times, strict=True):
+    for event_id, at in zip(got.ids, got.times, strict=True):
         arrivals.setdefault(event_id, at)  # the first attempt that reached the upstream
     latencies = sorted((arrivals[i] - t) * 1000 for i, t in sent.accepted.items() if i in arrivals)
     missing = sum(1 for i in sent.accepted if i not in arrivals)
-    return Run(rate, sent, pending + retrying, delivered, dead, last_progress - ended, latencies,
-               missing, commands, by_command)
+    return Run(rate, seconds, sent, pending + retrying, delivered, dead, max(last_progress - ended, 0.0),
+               latencies, missing, by_command)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rates", default="50,200,1000", help="events/s to send, comma-separated")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to send at each rate")
-    parser.add_argument("--body-bytes", type=int, default=500)
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="after the sending, wait this long without progress for deliveries")
-    parser.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
-    args = parser.parse_args()
-    try:
-        rates = [float(x) for x in args.rates.split(",") if x.strip()]
-    except ValueError:
-        parser.error("--rates must be numbers separated by commas")
-    if not rates or any(x <= 0 for x in rates):
-        parser.error("--rates must be positive")
-    if args.seconds <= 0:
-        parser.error("--seconds must be positive")
+def parse_rates(text: str, default_seconds: float) -> list[tuple[float, float]]:
+    """`50,200:20` -> [(50, default_seconds), (200, 20)]; ValueError when not positive numbers."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        rate, _, seconds = item.partition(":")
+        pair = (float(rate), float(seconds) if seconds else default_seconds)
+        if pair[0] <= 0 or pair[1] <= 0:
+            raise ValueError(item)
+        out.append(pair)
+    if not out:
+        raise ValueError(text)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="50,200,1000",
+                   help="events/s to send, comma-separated, each optionally RATE:SECONDS")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to send at a rate without its own")
+    p.add_argument("--body-bytes", type=int, default=500)
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="after the sending, wait this long without progress for deliveries")
+    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    return p
+
+
+def run(args: argparse.Namespace) -> Outcome:
+    """Sends at each rate through one stack, prints the table; the figures and checks."""
+    rates = parse_rates(args.rates, args.seconds)
     body = webhook_body(args.body_bytes)
     runs: list[Run] = []
-    notes: list[str] = []
-
+    outcome = Outcome()
     with harness("gateway-bench-latency-") as h:
         upstream_port = free_port()
-        stack = start_stack(h, CONFIG.format(name=NAME, port=upstream_port), upstream_port, args.log_level)
-        r, api, upstream_base = stack.client, stack.api, stack.upstream_base
+        stack = start_stack(h, gateway_config(upstream_port), upstream_port, args.log_level)
         try:
-            for rate in rates:
-                print(f"sending {rate:g} events/s for {args.seconds:g} s...", file=sys.stderr, flush=True)
-                run = run_rate(r, api, upstream_base, body, rate, args)
-                runs.append(run)
-                print(f"  {len(run.sent.accepted)} accepted, {run.delivered} delivered, "
-                      f"p50 {percentile(run.latencies_ms, 50):.1f} ms", file=sys.stderr, flush=True)
+            for rate, seconds in rates:
+                print(f"latency: sending {rate:g} events/s for {seconds:g} s...", file=sys.stderr, flush=True)
+                one = run_rate(stack.client, stack.api, stack.upstream_base, body, rate, seconds, args.grace)
+                runs.append(one)
+                print(f"  {len(one.sent.accepted)} accepted, {one.delivered} delivered, "
+                      f"p50 {percentile(one.latencies_ms, 50):.1f} ms", file=sys.stderr, flush=True)
         finally:
-            r.close()
+            stack.client.close()
         for name, code in stack.exited():
-            notes.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
+            outcome.problems.append(f"{name} exited with {code} during the benchmark: {h.log(name)}")
+    report(runs, body)
+    for one in runs:
+        _check(one, args.grace, outcome)
+        outcome.figures += figures(one)
+    return outcome
 
-    lost = report(runs, body, args, notes)
-    for note in notes:
-        print(f"NOTE {note}")
-    return 1 if lost else 0
+
+def _check(one: Run, grace: float, outcome: Outcome) -> None:
+    accepted = len(one.sent.accepted)
+    if one.delivered < accepted:
+        outcome.problems.append(
+            f"latency {one.rate:g}/s: LOST {accepted - one.delivered} events: {accepted} accepted, "
+            f"{one.delivered} delivered, {one.dead} dead after {grace:g} s without progress; "
+            f"{one.missing} never reached the upstream")
+    outcome.notes += one.sent.notes(f"latency {one.rate:g}/s")
+    if one.delivered:
+        outcome.details.append(f"latency {one.rate:g}/s: Redis calls per delivered event by command: "
+                             + per_event_text(one.by_command, one.delivered))
 
 
-def report(runs: list[Run], body: bytes, args: argparse.Namespace, notes: list[str]) -> bool:
+def figures(one: Run) -> list[Figure]:
+    """Rows of the suite's table: latency beside the 202 answer's, the backlog, Redis's work."""
+    lat, answers = one.latencies_ms, sorted(one.sent.answer_ms)
+    at = f"{one.rate:g}/s for {one.seconds:g} s"
+    latency = Figure(
+        "latency", f"{at}: end to end p50 / p95 / p99 ms",
+        f"{percentile(lat, 50):.1f} / {percentile(lat, 95):.1f} / {percentile(lat, 99):.1f}",
+        f"202 answer p50 / p99: {percentile(answers, 50):.1f} / {percentile(answers, 99):.1f}")
+    if one.rate == AT_RATE:
+        latency = Figure(latency.part, latency.measure, latency.value, latency.baseline, "-",
+                         f"p50 <= {P50_MS:g}, p99 <= {P99_MS:g}",
+                         percentile(lat, 50) <= P50_MS and percentile(lat, 99) <= P99_MS)
+    achieved = len(one.sent.accepted) / one.sent.seconds
+    backlog = Figure("latency", f"{at}: backlog at end of sending (grew?)",
+                     f"{one.backlog} ({'yes' if one.grew else 'no'})", f"achieved {achieved:.0f}/s")
+    if one.rate == SUSTAINED_RATE:
+        backlog = Figure(backlog.part, backlog.measure, backlog.value, backlog.baseline, "-",
+                         "does not grow", not one.grew)
+    commands = Figure("latency", f"{at}: Redis commands per delivered event", f"{one.per_event:.1f}")
+    return [latency, backlog, commands]
+
+
+def report(runs: list[Run], body: bytes) -> None:
     rows: list[list[str]] = []
-    lost = False
-    for run in runs:
-        accepted = len(run.sent.accepted)
-        lat = run.latencies_ms
-        if run.delivered < accepted:
-            lost = True
-            notes.append(f"rate {run.rate:g}: LOST {accepted - run.delivered} events: {accepted} accepted, "
-                         f"{run.delivered} delivered, {run.dead} dead after {args.grace:g} s without "
-                         f"progress; {run.missing} never reached the upstream")
-        others = {s: n for s, n in run.sent.statuses.items() if s != 202}
-        if others:
-            notes.append(f"rate {run.rate:g}: answers other than 202: {others}")
-        if run.sent.error_count:
-            notes.append(f"rate {run.rate:g}: {run.sent.error_count} send errors, e.g. {run.sent.errors}")
-        if run.sent.lag_max_s > 0.05:
-            notes.append(f"rate {run.rate:g}: the sender fell up to {run.sent.lag_max_s * 1000:.0f} ms "
-                         "behind its schedule")
-        per_event = run.commands / run.delivered if run.delivered else float("nan")
-        grew = "yes" if run.backlog > max(run.rate * 0.1, 10) else "no"
+    for one in runs:
+        accepted = len(one.sent.accepted)
+        lat = one.latencies_ms
         rows.append([
-            f"{run.rate:g}", f"{accepted / run.sent.seconds:.0f}", f"{accepted}/{run.delivered}",
-            f"{percentile(lat, 50):.1f}", f"{percentile(lat, 95):.1f}", f"{percentile(lat, 99):.1f}",
-            f"{lat[-1] if lat else float('nan'):.1f}", f"{run.backlog} ({grew})", f"{run.drain_s:.2f}",
-            f"{per_event:.1f}",
+            f"{one.rate:g}", f"{one.seconds:g}", f"{accepted / one.sent.seconds:.0f}",
+            f"{accepted}/{one.delivered}", f"{percentile(lat, 50):.1f}", f"{percentile(lat, 95):.1f}",
+            f"{percentile(lat, 99):.1f}", f"{lat[-1] if lat else float('nan'):.1f}",
+            f"{one.backlog} ({'yes' if one.grew else 'no'})", f"{one.drain_s:.2f}", f"{one.per_event:.1f}",
         ])
-    print(f"\nlatency: {len(body)}-byte JSON webhooks sent open-loop for {args.seconds:g} s per rate through "
-          "`gateway serve` to ONE `gateway worker` (default poll_delay_s) and a local upstream; "
-          "latency = upstream arrival - send time")
+    print(f"\nlatency: {len(body)}-byte JSON webhooks sent open-loop through `gateway serve` to ONE "
+          "`gateway worker` and a local upstream; latency = upstream arrival - send time")
     print_table(
-        ["rate/s", "achieved/s", "accepted/delivered", "p50 ms", "p95 ms", "p99 ms", "max ms",
+        ["rate/s", "seconds", "achieved/s", "accepted/delivered", "p50 ms", "p95 ms", "p99 ms", "max ms",
          "backlog at end (grew?)", "tail s", "redis cmds/event"],
-        rows, [True] * 10,
+        rows, [True] * 11,
     )
     print("backlog: pending + retrying when the sending ended ('grew' when > 10 % of a second's events, "
           "min 10); tail: from the end of the sending to the last delivery; redis cmds/event: every "
-          "client's commands (API, arq, drainer, heartbeats), those run inside Lua scripts included, "
-          "over the run / events delivered, the benchmark's own polling subtracted")
-    for run in runs:
-        if run.delivered:
-            top = sorted(run.by_command.items(), key=lambda kv: -kv[1])[:6]
-            print(f"  rate {run.rate:g}, redis calls per event by command: "
-                  + ", ".join(f"{name} {n / run.delivered:.1f}" for name, n in top))
-    return lost
+          "client's commands (API, worker), those run inside Lua scripts included, over the run / "
+          "events delivered, the benchmark's own polling subtracted")
+    for one in runs:
+        if one.delivered:
+            print(f"  rate {one.rate:g}, redis calls per event by command: "
+                  + per_event_text(one.by_command, one.delivered))
+
+
+def main() -> int:
+    p = parser()
+    args = p.parse_args()
+    try:
+        parse_rates(args.rates, args.seconds)
+    except ValueError:
+        p.error("--rates must be positive numbers (RATE or RATE:SECONDS) separated by commas")
+    if args.seconds <= 0:
+        p.error("--seconds must be positive")
+    return run(args).exit_status()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: everything the benchmark started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
