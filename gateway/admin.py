@@ -174,10 +174,10 @@ class Admin:
         return json_response(event)
 
     async def status(self, request: Request) -> Response:
-        """Live workers, the arq queue's depth, and every integration."""
+        """Live workers, the attempts scheduled (due now or later), and every integration."""
         self._authorize(request)
         workers = await self._store.live_workers()
-        depth = int(await self._store.redis.zcard(self._store.keys.queue))
+        depth = int(await self._store.redis.zcard(self._store.keys.due))
         items = [await self.describe(i) for i in self._config.integrations]
         return json_response({"workers_live": workers, "queue_depth": depth, "integrations": items})
 

@@ -77,8 +77,7 @@ def serve(host: str, port: int) -> None:
 
 
 @main.command()
-@click.option("--burst", is_flag=True, help="Stop once the queue is empty (for scripts and tests).")
-def worker(burst: bool) -> None:
+def worker() -> None:
     """Run one delivery worker process."""
     import uvloop
 
@@ -86,7 +85,7 @@ def worker(burst: bool) -> None:
 
     _logging()
     settings = _settings()
-    uvloop.run(run_worker(settings, burst=burst))
+    uvloop.run(run_worker(settings))
 
 
 @main.command()

@@ -113,7 +113,7 @@ def output(data: Any, as_json: bool, kind: str = "integration") -> None:
     elif kind == "event":
         print_event(data)
     elif kind == "status":
-        click.echo(f"live workers: {data['workers_live']}   queued jobs: {data['queue_depth']}")
+        click.echo(f"live workers: {data['workers_live']}   scheduled attempts: {data['queue_depth']}")
         rows = [["NAME", "STATE", "FAILURES", "PENDING", "RETRYING", "HELD", "DEAD", "DELIVERED 24H"]]
         for i in data["integrations"]:
             c = i["counts"]

@@ -8,6 +8,9 @@ Layout under a prefix P (default "gw"):
                                   costs 400 bytes more per event)
     P:rq:{id}              string the request: JSON head (method, url, headers) + "\\n" + body
     P:at:{id}              list   one JSON record per finished attempt
+    P:due                  zset   id -> due ms, for pending and retrying events: the one
+                                  schedule of deliveries; workers take what is due from it in
+                                  batches (CLAIM_DUE)
     P:lease                zset   id -> lease expiry ms, for in-flight events
     P:st:{integration}:{state}  zset  id -> received ms: the state index (the admin API reads it,
                                   and the reconciler walks the pending and retrying ones)
@@ -32,19 +35,18 @@ Layout under a prefix P (default "gw"):
     ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
     the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
     event put back (RETURN_HELD, FINISH) returns to its exact place.
-    P:queue                the arq queue; its jobs are `arq:job:{id}:{n}` and carry (id, n,
-                           integration) only
+    P:queue                the arq queue: the workers' periodic jobs (the reconciler), never
+                           events
 
-An arq job is only a wake-up call for attempt n of an event: every state change is one of the
-scripts below, and each checks the event's state and attempt number first (a fencing token), so a
-stale, repeated or late job changes nothing.
+Every state change is one of the scripts below, and each checks the event's state (and, where
+it finishes an attempt, the attempt number: a fencing token) first, so a stale, repeated or late
+call changes nothing. Terminal events carry no expiry: retention (TRIM) deletes them in batches,
+which costs Redis less than three PEXPIREs per event on the delivery path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Keys:
 
     def attempts(self, event_id: str) -> str:
         return f"{self.prefix}:at:{event_id}"
+
+    @property
+    def due(self) -> str:
+        return f"{self.prefix}:due"
 
     @property
     def lease(self) -> str:
@@ -100,69 +106,62 @@ class Keys:
     def queue(self) -> str:
         return f"{self.prefix}:queue"
 
-    @staticmethod
-    def job_id(event_id: str, attempt: int) -> str:
-        return f"{event_id}:{attempt}"
-
-    @staticmethod
-    def arq_job(job_id: str) -> str:
-        return job_key_prefix + job_id
 
 
 # Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
-# Each command costs Redis 3-7 us per event here (a SET with an expiry the most), so the hot
-# scripts use as few as the invariants allow: ACCEPT one per event and three per batch, CLAIM six,
-# FINISH six to nine.
-_PRELUDE = f"""
+# Each command costs Redis 3-7 us per event here, so the hot scripts work on batches and use as
+# few per event as the invariants allow: ACCEPT one, CLAIM_DUE two, FINISH_MANY three; the rest
+# (index moves, metrics, health) is grouped into one command per batch and key.
+_PRELUDE = """
 local P = ARGV[1]
 local function ev(id) return P .. ':ev:' .. id end
 local function rq(id) return P .. ':rq:' .. id end
 local function at(id) return P .. ':at:' .. id end
 local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
-local function job(jid) return '{job_key_prefix}' .. jid end
 local function int(name) return P .. ':int:' .. name end
-local RETRY_PREFIX = '{retry_key_prefix}'
-local PROGRESS_PREFIX = '{in_progress_key_prefix}'
+-- Grouped writes: per key, a flat list of arguments, sent as one command at the end.
+local function group(groups, key, a, b)
+  local list = groups[key]
+  if not list then
+    list = {}
+    groups[key] = list
+  end
+  list[#list + 1] = a
+  if b ~= nil then list[#list + 1] = b end
+end
+local function flush(command, groups)
+  for key, list in pairs(groups) do redis.call(command, key, unpack(list)) end
+end
+-- An integration holds events while it is paused, and while it drains what it held (they wait
+-- behind the held ones, so arrival order is kept). The drain takes held events off the held index
+-- before it sends them, so an empty index alone does not mean the drain is over: `draining` stays
+-- set until the drain finds nothing left to take. Returns holding, and the last held score.
+local function holds(integ)
+  local f = redis.call('HMGET', int(integ), 'state', 'draining')
+  local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
+  return f[1] == 'paused' or f[2] ~= false or #top > 0, tonumber(top[2] or 0)
+end
 """
 
-# ARGV: prefix, queue, now, idempotency ttl ms, count, lengths, data.
-# `data` holds, per event, five fields back to back: id, integration, idempotency key (may be
-# empty), request blob, arq job bytes; `lengths` lists their byte lengths, comma-separated. (Two
-# arguments instead of five per event: redis-py packs each argument in Python.)
-# The arq job key gets no expiry: arq deletes it when the job ends, and an expiring key costs
-# Redis more than the rest of the event's write.
+# ARGV: prefix, now, idempotency ttl ms, count, lengths, data.
+# `data` holds, per event, four fields back to back: id, integration, idempotency key (may be
+# empty), request blob; `lengths` lists their byte lengths, comma-separated. (Two arguments
+# instead of four per event: redis-py packs each argument in Python.)
 # Returns per event: the id and 0 (new) or the first id and 1 (a repeat).
 ACCEPT = (
     _PRELUDE
     + """
-local queue, now, idem_px, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local now, idem_px, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local lens = {}
-for n in string.gmatch(ARGV[6], '%d+') do lens[#lens + 1] = tonumber(n) end
-local data, pos, li = ARGV[7], 1, 0
+for n in string.gmatch(ARGV[5], '%d+') do lens[#lens + 1] = tonumber(n) end
+local data, pos, li = ARGV[6], 1, 0
 local function take()
   li = li + 1
   local s = string.sub(data, pos, pos + lens[li] - 1)
   pos = pos + lens[li]
   return s
 end
--- Writes are grouped across the batch (one MSET, one ZADD per sorted set) because each
--- redis.call costs more than the work it does for one small key.
-local out, seen, strings, queued, indexed, holds, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
--- An integration holds new events while it is paused, and while it drains what it held (they
--- wait behind the held ones, so arrival order is kept). The drain takes held events off the held
--- index before it sends them, so an empty index alone does not mean the drain is over: `draining`
--- stays set until the drain finds nothing left to take.
-local function holding(integ)
-  local h = holds[integ]
-  if h == nil then
-    local f = redis.call('HMGET', int(integ), 'state', 'draining')
-    local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
-    h = f[1] == 'paused' or f[2] ~= false or #top > 0
-    holds[integ] = h
-    last[integ] = tonumber(top[2] or 0)
-  end
-  return h
-end
+local out, seen, strings, due, indexed, holding, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
 -- A held event's score: its received ms, or, when that would not sort it after every event held
 -- before it (several in one millisecond), the last score + 1/1024 (a step that a double keeps
 -- exactly below 2^43 ms, the year 2248). Ids sort by millisecond only, so a tie of scores would
@@ -172,18 +171,8 @@ local function held_score(integ)
   last[integ] = score
   return string.format('%.17g', score)
 end
-local function index(integ, state, id, score)
-  local key = st(integ, state)
-  local list = indexed[key]
-  if not list then
-    list = {}
-    indexed[key] = list
-  end
-  list[#list + 1] = score
-  list[#list + 1] = id
-end
 for k = 1, count do
-  local id, integ, idem, blob, jobdata = take(), take(), take(), take(), take()
+  local id, integ, idem, blob = take(), take(), take(), take()
   local first = false
   if idem ~= '' then
     local ik = P .. ':idem:' .. integ .. ':' .. idem
@@ -200,132 +189,201 @@ for k = 1, count do
     strings[#strings + 1] = rq(id)
     strings[#strings + 1] = blob
     accepted[integ] = (accepted[integ] or 0) + 1
-    if holding(integ) then
+    if holding[integ] == nil then holding[integ], last[integ] = holds(integ) end
+    if holding[integ] then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
-      index(integ, 'held', id, held_score(integ))
+      group(indexed, st(integ, 'held'), held_score(integ), id)
     else
       redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
-      local jid = id .. ':1'
-      strings[#strings + 1] = job(jid)
-      strings[#strings + 1] = jobdata
-      queued[#queued + 1] = now
-      queued[#queued + 1] = jid
-      index(integ, 'pending', id, now)
+      due[#due + 1] = now
+      due[#due + 1] = id
+      group(indexed, st(integ, 'pending'), now, id)
     end
     out[#out + 1] = id
     out[#out + 1] = 0
   end
 end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
-if #queued > 0 then redis.call('ZADD', queue, unpack(queued)) end
-for key, list in pairs(indexed) do redis.call('ZADD', key, unpack(list)) end
+if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+flush('ZADD', indexed)
 for integ, n in pairs(accepted) do redis.call('HINCRBY', P .. ':m:accepted', integ, n) end
 return out
 """
 )
 
-# ARGV: prefix, id, n, now, lease ms. Moves a due event to in_flight when attempt n is the
-# current one; returns {integration, received ms, request blob}, nil for a stale job, or "held"
-# when its integration is paused or still draining held events (the event then waits, held, in
-# arrival order).
-CLAIM = (
+# ARGV: prefix, now, limit, leases (JSON object: integration -> lease ms), default lease ms.
+# Takes up to `limit` due events off the schedule, oldest due first, and moves each to in_flight
+# under a lease a few seconds longer than its integration's timeout; an event whose integration
+# holds (paused, or still draining what it held) goes to held instead, in arrival order, and an
+# entry whose event is no longer pending or retrying (replayed, finished) is dropped.
+# Returns a flat list of id, attempt, integration, received ms, request blob per event taken.
+CLAIM_DUE = (
     _PRELUDE
     + """
-local id, n, now, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
-local s = f[1]
-if (s ~= 'pending' and s ~= 'retrying') or f[2] ~= n then return false end
-local h = redis.call('HMGET', int(f[3]), 'state', 'draining')
-if h[1] == 'paused' or h[2] or redis.call('ZCARD', st(f[3], 'held')) > 0 then
-  -- paused, or still draining what it held: this attempt waits its turn among the held
-  redis.call('HSET', ev(id), 's', 'held')
-  redis.call('ZREM', st(f[3], s), id)
-  redis.call('ZADD', st(f[3], 'held'), f[4], id)
-  return 'held'
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local leases, default_lease = cjson.decode(ARGV[4]), tonumber(ARGV[5])
+local due = P .. ':due'
+-- The first `limit` entries due are the lowest ranks, so one ZREMRANGEBYRANK takes them all off.
+local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
+if #ids == 0 then return {} end
+redis.call('ZREMRANGEBYRANK', due, 0, #ids - 1)
+local out, blobs, removed, added, leased, holding = {}, {}, {}, {}, {}, {}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
+  local s, integ = f[1], f[3]
+  if s == 'pending' or s == 'retrying' then
+    if holding[integ] == nil then holding[integ] = holds(integ) end
+    group(removed, st(integ, s), id)
+    if holding[integ] then
+      redis.call('HSET', ev(id), 's', 'held')
+      group(added, st(integ, 'held'), f[4], id)
+    else
+      redis.call('HSET', ev(id), 's', 'in_flight')
+      group(added, st(integ, 'in_flight'), f[4], id)
+      leased[#leased + 1] = now + (leases[integ] or default_lease)
+      leased[#leased + 1] = id
+      blobs[#blobs + 1] = rq(id)
+      out[#out + 1] = id
+      out[#out + 1] = f[2]
+      out[#out + 1] = integ
+      out[#out + 1] = f[4]
+    end
+  end
 end
-redis.call('HSET', ev(id), 's', 'in_flight')
-redis.call('ZADD', P .. ':lease', now + lease, id)
-redis.call('ZREM', st(f[3], s), id)
-redis.call('ZADD', st(f[3], 'in_flight'), f[4], id)
-return {f[3], f[4], redis.call('GET', rq(id))}
+flush('ZREM', removed)
+flush('ZADD', added)
+if #blobs > 0 then
+  redis.call('ZADD', P .. ':lease', unpack(leased))
+  local got = redis.call('MGET', unpack(blobs))
+  local with = {}
+  for k = 1, #blobs do
+    for j = 1, 4 do with[#with + 1] = out[(k - 1) * 4 + j] end
+    with[#with + 1] = got[k]
+  end
+  out = with
+end
+return out
 """
 )
 
-# ARGV: prefix, queue, id, n, now, outcome (delivered|dead|retrying), attempt record,
-#       due ms, arq job bytes, retention ms of a terminal event,
-#       "1" when only an expired lease may be finished (the reconciler),
-#       health: "S" a success, "F" a failure that counts, "-" neither (a lost worker),
-#       failure threshold, last error, first probe cool-down s,
-#       where a retry waits: "retrying" (scheduled) or "held" (a drained event keeps its place),
-#       the latency bucket index ("" when nothing was sent) and the latency in seconds.
-# Counts the integration's consecutive failures, and pauses it at the threshold. A retry of a
-# paused integration is held instead of scheduled. Returns 0 when attempt n is no longer the one in
-# flight (nothing is changed), else {1, final state, consecutive failures, 1 if the integration is
-# now paused, signals...}, the signals being warn50, warn90 and paused (each once per episode).
-FINISH = (
+# ARGV: prefix, now, items (JSON list), then one attempt record (JSON) per item.
+# An item: [id, n, outcome (delivered|dead|retrying), due ms of a retry, "1" when only an expired
+#   lease may be finished (the reconciler), health ("S" a success, "F" a failure that counts, "-"
+#   neither: a lost worker), failure threshold, last error, first probe cool-down s, where a retry
+#   waits ("retrying": scheduled; "held": a drained event keeps its place), latency bucket index
+#   ("" when nothing was sent), latency s].
+# Finishes attempts in order, each as FINISH of one would: records the attempt, moves the event on,
+# counts the integration's consecutive failures and pauses it at the threshold; a retry of a paused
+# integration is held instead of scheduled. The integration's health is read once per integration
+# and written once at the end. Returns per item 0 when attempt n is no longer the one in flight
+# (nothing changed for it), else {1, final state, consecutive failures, 1 if the integration is now
+# paused, signals...}, the signals being warn50, warn90 and paused (each once per episode).
+FINISH_MANY = (
     _PRELUDE
     + """
-local queue, id, n, now, outcome = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
-if f[1] ~= 'in_flight' or f[2] ~= n then return 0 end
-if ARGV[11] == '1' then
-  local lease = redis.call('ZSCORE', P .. ':lease', id)
-  if lease and tonumber(lease) > now then return 0 end
+local now = tonumber(ARGV[2])
+local items = cjson.decode(ARGV[3])
+local health, out = {}, {}
+local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, {}, {}, {}, {}
+local function load(integ)
+  local h = health[integ]
+  if h then return h end
+  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90')
+  local fails = tonumber(f[2] or 0)
+  h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {},
+       w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
+  health[integ] = h
+  return h
 end
-local ik = int(f[3])
-local out = {1, outcome, 0, 0}
-if ARGV[12] == 'S' then
-  redis.call('HSET', ik, 'fails', 0, 'last_success_ms', now)
-  redis.call('HDEL', ik, 'w50', 'w90')
-elseif ARGV[12] == 'F' then
-  local fails = redis.call('HINCRBY', ik, 'fails', 1)
-  out[3] = fails
-  redis.call('HSET', ik, 'last_error', ARGV[14], 'last_failure_ms', now)
-  local threshold = tonumber(ARGV[13])
-  if fails * 2 >= threshold and redis.call('HSETNX', ik, 'w50', 1) == 1 then out[#out + 1] = 'warn50' end
-  if fails * 10 >= threshold * 9 and redis.call('HSETNX', ik, 'w90', 1) == 1 then out[#out + 1] = 'warn90' end
-  if fails >= threshold and redis.call('HGET', ik, 'state') ~= 'paused' then
-    local cooldown = tonumber(ARGV[15])
-    redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', 0,
-               'cooldown_s', cooldown, 'probe_ms', now + cooldown * 1000)
-    out[#out + 1] = 'paused'
+for k, item in ipairs(items) do
+  local id, n, outcome = item[1], item[2], item[3]
+  local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
+  local live = f[1] == 'in_flight' and f[2] == n
+  if live and item[5] == '1' then
+    local lease = redis.call('ZSCORE', P .. ':lease', id)
+    live = not lease or tonumber(lease) <= now
+  end
+  if not live then
+    out[k] = 0
+  else
+    local integ = f[3]
+    local h = load(integ)
+    local r = {1, outcome, 0, 0}
+    if item[6] == 'S' then
+      h.fails, h.w50, h.w90 = 0, false, false
+      h.set.last_success_ms = now
+    elseif item[6] == 'F' then
+      h.fails = h.fails + 1
+      r[3] = h.fails
+      h.set.last_error, h.set.last_failure_ms = item[8], now
+      local threshold = tonumber(item[7])
+      if h.fails * 2 >= threshold and not h.w50 then h.w50 = true; r[#r + 1] = 'warn50' end
+      if h.fails * 10 >= threshold * 9 and not h.w90 then h.w90 = true; r[#r + 1] = 'warn90' end
+      if h.fails >= threshold and h.state ~= 'paused' then
+        local cooldown = tonumber(item[9])
+        h.state = 'paused'
+        h.set.state, h.set.paused_ms, h.set.manual = 'paused', now, 0
+        h.set.cooldown_s, h.set.probe_ms = cooldown, now + cooldown * 1000
+        r[#r + 1] = 'paused'
+      end
+    end
+    if h.state == 'paused' then r[4] = 1 end
+    if outcome == 'retrying' and (item[10] == 'held' or h.state == 'paused') then
+      outcome = 'held'
+      r[2] = outcome
+    end
+    local counted = attempts[integ .. '|' .. outcome]
+    attempts[integ .. '|' .. outcome] = (counted or 0) + 1
+    if item[11] ~= '' then
+      local bucket = integ .. '|' .. item[11]
+      latency[bucket] = (latency[bucket] or 0) + 1
+      latency_sum[integ] = (latency_sum[integ] or 0) + tonumber(item[12])
+    end
+    redis.call('RPUSH', at(id), ARGV[3 + k])
+    leases[#leases + 1] = id
+    local score = f[4]
+    if outcome == 'held' then
+      -- back to its place: TAKE_HELD kept its held score (finer than the received ms) in in_flight
+      score = redis.call('ZSCORE', st(integ, 'in_flight'), id) or f[4]
+    end
+    group(removed, st(integ, 'in_flight'), id)
+    group(added, st(integ, outcome), score, id)
+    local nn = tostring(tonumber(n) + 1)
+    if outcome == 'retrying' then
+      redis.call('HSET', ev(id), 's', 'retrying', 'n', nn, 'd', item[4])
+      due[#due + 1] = item[4]
+      due[#due + 1] = id
+    elseif outcome == 'held' then
+      redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
+    else
+      redis.call('HSET', ev(id), 's', outcome, 'd', now)
+    end
+    out[k] = r
   end
 end
-local paused = redis.call('HGET', ik, 'state') == 'paused'
-if paused then out[4] = 1 end
-if outcome == 'retrying' and (ARGV[16] == 'held' or paused) then
-  outcome = 'held'
-  out[2] = outcome
+if #leases > 0 then redis.call('ZREM', P .. ':lease', unpack(leases)) end
+flush('ZREM', removed)
+flush('ZADD', added)
+if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+for integ, h in pairs(health) do
+  local fields = {}
+  if h.fails ~= h.fails0 then fields = {'fails', h.fails} end
+  for name, value in pairs(h.set) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  if h.w50 and not h.had50 then fields[#fields + 1] = 'w50'; fields[#fields + 1] = 1 end
+  if h.w90 and not h.had90 then fields[#fields + 1] = 'w90'; fields[#fields + 1] = 1 end
+  if #fields > 0 then redis.call('HSET', int(integ), unpack(fields)) end
+  local gone = {}
+  if h.had50 and not h.w50 then gone[#gone + 1] = 'w50' end
+  if h.had90 and not h.w90 then gone[#gone + 1] = 'w90' end
+  if #gone > 0 then redis.call('HDEL', int(integ), unpack(gone)) end
 end
--- Metrics: attempts by outcome, and the latency histogram (ARGV 17: bucket index, 18: seconds).
-redis.call('HINCRBY', P .. ':m:attempts', f[3] .. '|' .. outcome, 1)
-if ARGV[17] ~= '' then
-  redis.call('HINCRBY', P .. ':m:latency', f[3] .. '|' .. ARGV[17], 1)
-  redis.call('HINCRBYFLOAT', P .. ':m:latency_sum', f[3], ARGV[18])
-end
-redis.call('RPUSH', at(id), ARGV[7])
-redis.call('ZREM', P .. ':lease', id)
-local score = f[4]
-if outcome == 'held' then
-  -- back to its place: TAKE_HELD kept its held score (finer than the received ms) in in_flight
-  score = redis.call('ZSCORE', st(f[3], 'in_flight'), id) or f[4]
-end
-redis.call('ZREM', st(f[3], 'in_flight'), id)
-redis.call('ZADD', st(f[3], outcome), score, id)
-local nn = tostring(tonumber(n) + 1)
-if outcome == 'retrying' then
-  local due = ARGV[8]
-  redis.call('HSET', ev(id), 's', 'retrying', 'n', nn, 'd', due)
-  local jid = id .. ':' .. nn
-  redis.call('SET', job(jid), ARGV[9])
-  redis.call('ZADD', queue, due, jid)
-elseif outcome == 'held' then
-  redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
-else
-  redis.call('HSET', ev(id), 's', outcome, 'd', now)
-  redis.call('PEXPIRE', ev(id), ARGV[10])
-  redis.call('PEXPIRE', rq(id), ARGV[10])
-  redis.call('PEXPIRE', at(id), ARGV[10])
+for field, n in pairs(attempts) do redis.call('HINCRBY', P .. ':m:attempts', field, n) end
+for field, n in pairs(latency) do redis.call('HINCRBY', P .. ':m:latency', field, n) end
+for integ, seconds in pairs(latency_sum) do
+  redis.call('HINCRBYFLOAT', P .. ':m:latency_sum', integ, string.format('%.6f', seconds))
 end
 return out
 """
@@ -423,110 +481,57 @@ return {before, redis.call('ZCARD', st(integ, 'held'))}
 """
 )
 
-# ARGV: prefix, index key, cutoff score, limit. Retention: removes from a delivered or dead index
-# the entries received before the cutoff whose event has expired (its keys carry the retention TTL
-# from when it ended); entries of events still kept stay for a later pass. Returns how many went.
+# ARGV: prefix, index key, state, cutoff ms, limit. Retention: deletes the events of a delivered or
+# dead index that ended before the cutoff (their record, request and attempts), with their index
+# entries. Entries are walked by received ms, a lower bound of when the event ended; one received
+# before the cutoff but ended after it (replayed since) stays for a later pass. Returns how many
+# went.
 TRIM = (
     _PRELUDE
     + """
-local ids = redis.call('ZRANGEBYSCORE', ARGV[2], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
-local gone = 0
+local key, state, cutoff = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ids = redis.call('ZRANGEBYSCORE', key, '-inf', cutoff, 'LIMIT', 0, ARGV[5])
+local gone, doomed = {}, {}
 for _, id in ipairs(ids) do
-  if redis.call('EXISTS', ev(id)) == 0 then
-    redis.call('ZREM', ARGV[2], id)
-    gone = gone + 1
+  local f = redis.call('HMGET', ev(id), 's', 'd')
+  if f[1] ~= state then
+    gone[#gone + 1] = id  -- a stale entry: the event moved on, or is gone
+  elseif tonumber(f[2]) <= cutoff then
+    gone[#gone + 1] = id
+    doomed[#doomed + 1] = ev(id)
+    doomed[#doomed + 1] = rq(id)
+    doomed[#doomed + 1] = at(id)
   end
 end
-return gone
+if #doomed > 0 then redis.call('UNLINK', unpack(doomed)) end
+if #gone > 0 then redis.call('ZREM', key, unpack(gone)) end
+return #gone
 """
 )
 
-# ARGV: prefix, queue, id, n, now, arq job bytes of attempt n + 1, attempt record of the replay.
+# ARGV: prefix, id, n, now, attempt record of the replay.
 # Sends a delivered or dead event again through the normal path (same id, so the same webhook-id):
-# attempt n + 1 becomes due now, or waits held if its integration is paused or draining. The
-# event's keys lose their retention expiry. Returns the new state, or false when the event is not
-# delivered or dead (or attempt n is no longer its last).
+# attempt n + 1 becomes due now, or waits held if its integration is paused or draining. Returns
+# the new state, or false when the event is not delivered or dead (or attempt n is no longer its
+# last).
 REPLAY = (
     _PRELUDE
     + """
-local queue, id, n, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local id, n, now = ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
 if (f[1] ~= 'delivered' and f[1] ~= 'dead') or f[2] ~= n then return false end
 local integ = f[3]
 local nn = tostring(tonumber(n) + 1)
-redis.call('PERSIST', ev(id))
-redis.call('PERSIST', rq(id))
-redis.call('PERSIST', at(id))
-redis.call('RPUSH', at(id), ARGV[7])
+redis.call('RPUSH', at(id), ARGV[5])
 redis.call('ZREM', st(integ, f[1]), id)
-local h = redis.call('HMGET', int(integ), 'state', 'draining')
-if h[1] == 'paused' or h[2] or redis.call('ZCARD', st(integ, 'held')) > 0 then
+if holds(integ) then
   redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
   redis.call('ZADD', st(integ, 'held'), f[4], id)
   return 'held'
 end
 redis.call('HSET', ev(id), 's', 'pending', 'n', nn, 'd', now)
 redis.call('ZADD', st(integ, 'pending'), f[4], id)
-local jid = id .. ':' .. nn
-redis.call('SET', job(jid), ARGV[6])
-redis.call('ZADD', queue, now, jid)
+redis.call('ZADD', P .. ':due', now, id)
 return 'pending'
-"""
-)
-
-# ARGV: prefix, integration, state (pending|retrying), offset, page size, received cutoff ms,
-#       stale lock ms. Walks one page of that state index and returns, as a flat list of
-#       id, n, due, the events whose arq job is gone, or is locked by arq's in-progress key with
-#       less than `stale lock ms` left on it (a worker that took the job that long ago and never
-#       claimed the attempt has died or lost Redis, and arq would keep it locked for the rest of the
-#       job timeout + 10 s), and last the number of ids walked (fewer than a page: the end).
-ORPHANS = (
-    _PRELUDE
-    + """
-local offset, size = tonumber(ARGV[4]), tonumber(ARGV[5])
-local cutoff, stale = tonumber(ARGV[6]), tonumber(ARGV[7])
-local ids = redis.call('ZRANGE', st(ARGV[2], ARGV[3]), offset, offset + size - 1, 'WITHSCORES')
-local out = {}
-for k = 1, #ids, 2 do
-  local id = ids[k]
-  if tonumber(ids[k + 1]) <= cutoff then
-    local f = redis.call('HMGET', ev(id), 'n', 'd')
-    if f[1] then
-      local jid = id .. ':' .. f[1]
-      local lock = redis.call('PTTL', PROGRESS_PREFIX .. jid)
-      if (lock == -2 and redis.call('EXISTS', job(jid)) == 0) or (lock >= 0 and lock < stale) then
-        out[#out + 1] = id
-        out[#out + 1] = f[1]
-        out[#out + 1] = f[2]
-      end
-    end
-  end
-end
-out[#out + 1] = #ids / 2
-return out
-"""
-)
-
-# ARGV: prefix, queue, id, n, due, arq job bytes, stale lock ms (as in ORPHANS).
-# Re-creates the arq job of a due event when it is missing or its lock is stale; returns 1 when it
-# did. Taking a stale lock is safe even if its worker is only slow: CLAIM is fenced, so at most one
-# of the two runs of the job sends the attempt.
-REENQUEUE = (
-    _PRELUDE
-    + """
-local queue, id, n = ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', ev(id), 's', 'n')
-if (f[1] ~= 'pending' and f[1] ~= 'retrying') or f[2] ~= n then return 0 end
-local jid = id .. ':' .. n
-local lock = redis.call('PTTL', PROGRESS_PREFIX .. jid)
-if lock == -2 then
-  if redis.call('EXISTS', job(jid)) == 1 then return 0 end
-elseif lock < 0 or lock >= tonumber(ARGV[7]) then
-  return 0
-end
-redis.call('DEL', RETRY_PREFIX .. jid, PROGRESS_PREFIX .. jid)
-redis.call('SET', job(jid), ARGV[6])
-redis.call('ZADD', queue, ARGV[5], jid)
-return 1
 """
 )

@@ -1,19 +1,20 @@
 """The event store: every read and write of event state in Redis goes through here.
 
 Each state change is one Lua script from `gateway.keys`, so it is atomic, and each hot path is a
-fixed number of round trips: ingress writes a whole batch of concurrent requests in one call.
+fixed number of round trips for a whole batch: ingress writes the events of concurrent requests in
+one call, a worker takes the due events in one call and records the attempts that end together in
+one call (`Batcher`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
-from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -21,7 +22,6 @@ from gateway import keys
 from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
 
-DELIVER_JOB = "deliver"
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a worker silent for longer is not counted as live
 
@@ -49,13 +49,6 @@ def latency_fields(record: AttemptRecord) -> tuple[str, str]:
         return "", ""
     seconds = record["latency_ms"] / 1000
     return str(bisect.bisect_left(LATENCY_BUCKETS, seconds)), f"{seconds:.6f}"
-
-
-def job_payload(event_id: str, attempt: int, integration: str, enqueued_ms: int) -> bytes:
-    """The arq job for one attempt: names only, never the payload (arq's job key expires)."""
-    return serialize_job(
-        DELIVER_JOB, (event_id, attempt, integration), {}, None, enqueued_ms, serializer=orjson.dumps
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +89,42 @@ class Finished:
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
+    """A due attempt taken by a worker: in flight under its lease."""
+
+    event_id: str
+    attempt: int
     integration: str
     received_ms: int
     request_blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """How attempt n of an event ended, and what follows: one item of FINISH_MANY."""
+
+    event_id: str
+    attempt: int
+    outcome: EventState  # delivered, dead or retrying
+    record: AttemptRecord
+    health: Health
+    due_ms: int = 0  # when a retry is due
+    only_if_lease_expired: bool = False  # the reconciler: never finish a live attempt
+    retry_state: EventState = EventState.RETRYING  # HELD: a drained event keeps its place
+
+    def item(self) -> list[str | int | float]:
+        return [
+            self.event_id,
+            str(self.attempt),
+            self.outcome.value,
+            str(self.due_ms),
+            "1" if self.only_if_lease_expired else "0",
+            self.health.code,
+            self.health.threshold,
+            self.health.last_error[:200],
+            self.health.cooldown_s,
+            self.retry_state.value,
+            *latency_fields(self.record),
+        ]
 
 
 class Store:
@@ -106,10 +132,8 @@ class Store:
         self.redis = redis
         self.keys = keys.Keys(prefix)
         self._accept = redis.register_script(keys.ACCEPT)
-        self._claim = redis.register_script(keys.CLAIM)
-        self._finish = redis.register_script(keys.FINISH)
-        self._orphans = redis.register_script(keys.ORPHANS)
-        self._reenqueue = redis.register_script(keys.REENQUEUE)
+        self._claim_due = redis.register_script(keys.CLAIM_DUE)
+        self._finish_many = redis.register_script(keys.FINISH_MANY)
         self._take_held = redis.register_script(keys.TAKE_HELD)
         self._return_held = redis.register_script(keys.RETURN_HELD)
         self._set_state = redis.register_script(keys.SET_STATE)
@@ -117,24 +141,16 @@ class Store:
         self._trim = redis.register_script(keys.TRIM)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
-        """Persist events and their first delivery job; returns (id, is_repeat) for each."""
-        now = now_ms()
+        """Persist events, due now; returns (id, is_repeat) for each."""
         lengths: list[int] = []
         parts: list[bytes] = []
         for e in events:
-            fields = (
-                e.event_id.encode(),
-                e.integration.encode(),
-                e.idempotency_key.encode(),
-                e.request_blob,
-                job_payload(e.event_id, 1, e.integration, now),
-            )
+            fields = (e.event_id.encode(), e.integration.encode(), e.idempotency_key.encode(), e.request_blob)
             parts += fields
             lengths += map(len, fields)
         args: list[bytes | str | int] = [
             self.keys.prefix,
-            self.keys.queue,
-            now,
+            now_ms(),
             idempotency_ttl_s * 1000,
             len(events),
             ",".join(map(str, lengths)),
@@ -143,99 +159,31 @@ class Store:
         flat = await self._accept(args=args)
         return [(flat[i].decode(), flat[i + 1] == 1) for i in range(0, len(flat), 2)]
 
-    async def claim(self, event_id: str, attempt: int, lease_ms: int) -> Claimed | None:
-        got = await self._claim(args=[self.keys.prefix, event_id, attempt, now_ms(), lease_ms])
-        if not got or got == b"held":
-            return None
-        integration, received, blob = got
-        return Claimed(integration.decode(), int(received), blob)
-
-    def _finish_args(
-        self,
-        event_id: str,
-        attempt: int,
-        integration: str,
-        outcome: EventState,
-        record: AttemptRecord,
-        health: Health,
-        due_ms: int,
-        keep_ms: int,
-        only_if_lease_expired: bool,
-        retry_state: EventState,
-    ) -> list[str | int | float | bytes]:
-        now = now_ms()
-        job = job_payload(event_id, attempt + 1, integration, now) if outcome is EventState.RETRYING else b""
+    async def claim_due(self, limit: int, leases_ms: bytes, default_lease_ms: int) -> list[Claimed]:
+        """Up to `limit` due attempts, now in flight; `leases_ms` is a JSON object of integration ->
+        lease ms (the default for any other)."""
+        flat = await self._claim_due(args=[self.keys.prefix, now_ms(), limit, leases_ms, default_lease_ms])
         return [
-            self.keys.prefix,
-            self.keys.queue,
-            event_id,
-            attempt,
-            now,
-            outcome.value,
-            orjson.dumps(record),
-            due_ms,
-            job,
-            max(keep_ms, 1),
-            "1" if only_if_lease_expired else "0",
-            health.code,
-            health.threshold,
-            health.last_error[:200],
-            health.cooldown_s,
-            retry_state.value,
-            *latency_fields(record),
+            Claimed(flat[i].decode(), int(flat[i + 1]), flat[i + 2].decode(), int(flat[i + 3]), flat[i + 4])
+            for i in range(0, len(flat), 5)
         ]
 
-    async def finish(
-        self,
-        event_id: str,
-        attempt: int,
-        integration: str,
-        outcome: EventState,
-        record: AttemptRecord,
-        health: Health,
-        *,
-        due_ms: int = 0,
-        keep_ms: int = 0,
-        only_if_lease_expired: bool = False,
-        retry_state: EventState = EventState.RETRYING,
-    ) -> Finished | None:
-        """Records attempt n and moves the event on, atomically; None when n is no longer in flight."""
-        args = self._finish_args(
-            event_id,
-            attempt,
-            integration,
-            outcome,
-            record,
-            health,
-            due_ms,
-            keep_ms,
-            only_if_lease_expired,
-            retry_state,
-        )
-        return Finished.parse(await self._finish(args=args))
+    async def finish_many(self, items: Sequence[Finish]) -> list[Finished | None]:
+        """Records attempts and moves their events on, in one atomic script; None for an attempt
+        that was no longer in flight (nothing changed for it)."""
+        if not items:
+            return []
+        args: list[str | int | bytes] = [
+            self.keys.prefix,
+            now_ms(),
+            orjson.dumps([i.item() for i in items]),
+            *(orjson.dumps(i.record) for i in items),
+        ]
+        return [Finished.parse(got) for got in await self._finish_many(args=args)]
 
-    async def finish_many(
-        self, items: Sequence[tuple[str, int, str, EventState, AttemptRecord, Health, int]]
-    ) -> list[Finished | None]:
-        """FINISH for several attempts in one round trip: (id, attempt, integration, outcome, record,
-        health, keep ms) each; every one is still its own atomic script."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event_id, attempt, integration, outcome, record, health, keep_ms in items:
-                args = self._finish_args(
-                    event_id,
-                    attempt,
-                    integration,
-                    outcome,
-                    record,
-                    health,
-                    0,
-                    keep_ms,
-                    False,
-                    EventState.HELD,
-                )
-                await self._finish(args=args, client=pipe)
-            replies = await pipe.execute()
-        return [Finished.parse(got) for got in replies]
+    async def finish(self, item: Finish) -> Finished | None:
+        (finished,) = await self.finish_many([item])
+        return finished
 
     async def take_held(
         self, integration: str, count: int, lease_ms: int, *, probe: bool
@@ -283,17 +231,6 @@ class Store:
         ids = await self.redis.zrangebyscore(self.keys.lease, "-inf", now_ms(), start=0, num=limit)
         return [i.decode() for i in ids]
 
-    async def orphans(
-        self, integration: str, state: EventState, offset: int, size: int, cutoff_ms: int, stale_lock_ms: int
-    ) -> tuple[list[tuple[str, int, int]], int]:
-        """One page of a due state index: the events on it whose arq job is gone or stuck under a
-        stale lock, as (id, attempt, due ms), and how many ids the page held."""
-        flat = await self._orphans(
-            args=[self.keys.prefix, integration, state.value, offset, size, cutoff_ms, stale_lock_ms]
-        )
-        found = [(flat[i].decode(), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat) - 1, 3)]
-        return found, int(flat[-1])
-
     async def meta(self, event_id: str) -> tuple[str, int, str, int] | None:
         """(state, attempt, integration, received ms) of an event, or None."""
         fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
@@ -303,22 +240,6 @@ class Store:
         if s is None or n is None or i is None or t is None:
             return None
         return s.decode(), int(n), i.decode(), int(t)
-
-    async def reenqueue(
-        self, event_id: str, attempt: int, integration: str, due_ms: int, stale_lock_ms: int
-    ) -> bool:
-        done = await self._reenqueue(
-            args=[
-                self.keys.prefix,
-                self.keys.queue,
-                event_id,
-                attempt,
-                due_ms,
-                job_payload(event_id, attempt, integration, now_ms()),
-                stale_lock_ms,
-            ]
-        )
-        return bool(done)
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
         """The event's record, its request blob and its attempts, or None when it does not exist."""
@@ -353,10 +274,7 @@ class Store:
             outcome="replay",
             body="",
         )
-        job = job_payload(event_id, attempt + 1, integration, now_ms())
-        got = await self._replay(
-            args=[self.keys.prefix, self.keys.queue, event_id, attempt, now_ms(), job, orjson.dumps(record)]
-        )
+        got = await self._replay(args=[self.keys.prefix, event_id, attempt, now_ms(), orjson.dumps(record)])
         return got.decode() if got else None
 
     async def list_events(
@@ -416,9 +334,9 @@ class Store:
         return items, next_cursor
 
     async def trim(self, integration: str, state: EventState, cutoff_ms: int, limit: int = 500) -> int:
-        """Drops index entries of expired events received before the cutoff (retention)."""
+        """Retention: deletes up to `limit` events of a terminal state that ended before the cutoff."""
         key = self.keys.state_index(integration, state)
-        return int(await self._trim(args=[self.keys.prefix, key, cutoff_ms, limit]))
+        return int(await self._trim(args=[self.keys.prefix, key, state.value, cutoff_ms, limit]))
 
     async def counts(self, integration: str, now: int) -> dict[str, int]:
         """Events of an integration by state (delivered: in the last 24 hours)."""
@@ -460,37 +378,41 @@ class Store:
             return False
 
 
-class IngestBatcher:
-    """Writes the events of concurrent requests in one script call.
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Sends the items of concurrent callers to Redis in one script call.
 
     Up to `max_in_flight` calls run at once (two: while Redis runs one, the next is being sent);
-    the events that arrive meanwhile wait and go together in the next call. Under load a call holds
-    about half the requests in flight; an idle gateway still writes each event at once. A call
-    that fails or takes longer than `timeout_s` fails every request of its batch with
-    StoreUnavailable, so no request hangs and none is acknowledged without being written.
+    the items that arrive meanwhile wait and go together in the next call. Under load a call holds
+    about half the items in flight; an idle process still sends each item at once. A call that
+    fails or takes longer than `timeout_s` fails every caller of its batch with `error(exc)`, so
+    no caller hangs and none is told its item was written when it was not.
     """
 
     def __init__(
         self,
-        store: Store,
-        idempotency_ttl_s: int,
+        write: Callable[[list[T]], Awaitable[list[R]]],
         timeout_s: float,
+        error: Callable[[Exception], Exception],
         max_batch: int = 512,
         max_in_flight: int = 2,
     ) -> None:
-        self._store = store
-        self._ttl_s = idempotency_ttl_s
+        self._write = write
         self._timeout_s = timeout_s
+        self._error = error
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._waiting: list[tuple[NewEvent, asyncio.Future[tuple[str, bool]]]] = []
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, event: NewEvent) -> tuple[str, bool]:
+    async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[str, bool]] = loop.create_future()
-        self._waiting.append((event, future))
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.append((item, future))
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             task = loop.create_task(self._drain())
@@ -505,9 +427,9 @@ class IngestBatcher:
                 del self._waiting[: self._max_batch]
                 try:
                     async with asyncio.timeout(self._timeout_s):
-                        results = await self._store.accept([e for e, _ in batch], self._ttl_s)
+                        results = await self._write([item for item, _ in batch])
                 except (RedisError, OSError, TimeoutError) as exc:
-                    error = StoreUnavailable(f"Redis did not accept the event: {type(exc).__name__}")
+                    error = self._error(exc)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(error)
@@ -517,3 +439,24 @@ class IngestBatcher:
                         future.set_result(result)
         finally:
             self._in_flight -= 1
+
+
+def _unavailable(exc: Exception) -> Exception:
+    return StoreUnavailable(f"Redis did not accept the event: {type(exc).__name__}")
+
+
+class IngestBatcher(Batcher[NewEvent, tuple[str, bool]]):
+    """The API's writes of accepted events: a failed write answers 503, never a 202."""
+
+    def __init__(
+        self,
+        store: Store,
+        idempotency_ttl_s: int,
+        timeout_s: float,
+        max_batch: int = 512,
+        max_in_flight: int = 2,
+    ) -> None:
+        async def write(events: list[NewEvent]) -> list[tuple[str, bool]]:
+            return await store.accept(events, idempotency_ttl_s)
+
+        super().__init__(write, timeout_s, _unavailable, max_batch, max_in_flight)

@@ -267,10 +267,13 @@ def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[st
 
 
 def stored_keys(rdb: redis.Redis) -> set[bytes]:
-    """Every key in the test database that holds state: not the workers' heartbeats and arq
-    health checks, which come and go, nor the metrics counters (a refused request is counted)."""
+    """Every key in the test database that holds state: not the workers' heartbeats nor arq's
+    keys (its health checks and periodic jobs come and go), nor the metrics counters (a refused
+    request is counted)."""
     return {
         k
         for k in cast(list[bytes], rdb.keys("*"))
-        if not k.endswith(b":health-check") and k != b"gw:workers" and not k.startswith(b"gw:m:")
+        if not k.endswith(b":health-check")
+        and not k.startswith((b"arq:", b"gw:m:"))
+        and k not in (b"gw:workers", b"gw:queue")
     }
