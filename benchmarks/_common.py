@@ -330,7 +330,7 @@ class GatewayStack:
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit status) of each process of the stack that is no longer running."""
         processes = [("gateway", self.gateway), ("upstream", self.upstream)]
-        processes += [(_worker_name(n), w) for n, w in enumerate(self.workers)]
+        processes += [(worker_name(n), w) for n, w in enumerate(self.workers)]
         return [(name, code) for name, p in processes if (code := p.poll()) is not None]
 
 
@@ -387,7 +387,8 @@ def start_stack(
     return stack
 
 
-def _worker_name(n: int) -> str:
+def worker_name(n: int) -> str:
+    """The log name of the n-th worker started (from 0): worker, worker2, worker3..."""
     return "worker" if n == 0 else f"worker{n + 1}"
 
 
@@ -395,7 +396,7 @@ def start_workers(h: Harness, stack: GatewayStack, count: int, *, wait: bool = T
     """Starts `count` more `gateway worker` processes; with `wait`, returns once a worker's
     heartbeat is in Redis (the worker is up and talks to Redis)."""
     for _ in range(count):
-        name = _worker_name(len(stack.workers))
+        name = worker_name(len(stack.workers))
         stack.workers.append(h.spawn(name, [sys.executable, "-m", "gateway", "worker"], env=stack.env))
     if wait:
         _wait_worker(stack.client, stack.workers, lambda: h.log("worker"))
@@ -483,17 +484,19 @@ def run_wrk(
     )
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> None:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """Columns padded to their widest cell (right-aligned where `right`), a rule under the headers."""
     widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
         padded = zip(cells, widths, right, strict=True)
-        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in padded)
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in padded).rstrip()
 
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> None:
+    print(format_table(headers, rows, right))
 
 
 # --- Redis keys the benchmarks read: the state indexes, part of the gateway's admin contract -------
@@ -543,6 +546,26 @@ class CountingRedis:
             calls[command] = calls.get(command, 0) - n
         self._count("info")
         return {name: n for name, n in calls.items() if n > 0}
+
+
+def wait_count(
+    read: Callable[[], int], want: int, quiet_s: float, *, poll_s: float = 0.05,
+    on_count: Callable[[int], None] | None = None,
+) -> tuple[int, float]:
+    """Polls `read()` until it reaches `want` or has not moved for `quiet_s`; returns (the last count,
+    time.monotonic() of its last change). How the benchmarks wait for deliveries: a deadline would
+    fail a slow but progressing gateway, and no deadline would hang on a stuck one."""
+    last, changed = -1, time.monotonic()
+    while True:
+        count = read()
+        now = time.monotonic()
+        if on_count is not None:
+            on_count(count)
+        if count != last:
+            last, changed = count, now
+        if count >= want or now - changed > quiet_s:
+            return count, changed
+        time.sleep(poll_s)
 
 
 def per_event_text(by_command: dict[str, int], events: int, top: int = 6) -> str:

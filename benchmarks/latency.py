@@ -69,6 +69,7 @@ from benchmarks._common import (
     start_stack,
     state_key,
     upstream_stats,
+    wait_count,
     webhook_body,
 )
 
@@ -113,23 +114,6 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(rank, len(values)) - 1]
 
 
-def _wait_delivered(
-    mine: CountingRedis, before: tuple[int, int], want: int, grace: float
-) -> tuple[int, int, float]:
-    """Until `want` more events are delivered or dead, or none was for `grace` s; returns (delivered,
-    dead, monotonic time of the last progress)."""
-    last_count, last_progress = -1, time.monotonic()
-    while True:
-        delivered, dead = mine.zcards(DELIVERED, DEAD)
-        delivered, dead = delivered - before[0], dead - before[1]
-        now = time.monotonic()
-        if delivered + dead != last_count:
-            last_count, last_progress = delivered + dead, now
-        if delivered + dead >= want or now - last_progress > grace:
-            return delivered, dead, last_progress
-        time.sleep(0.05)
-
-
 def run_rate(
     r: redis.Redis, api: str, upstream_base: str, body: bytes, rate: float, seconds: float, grace: float
 ) -> Run:
@@ -141,7 +125,9 @@ def run_rate(
     sent = uvloop.run(send_open_loop(f"{api}/hooks/{INTEGRATION}", body, rate, seconds))
     ended = time.monotonic()
     pending, retrying = mine.zcards(PENDING, RETRYING)
-    delivered, dead, last_progress = _wait_delivered(mine, (before[0], before[1]), len(sent.accepted), grace)
+    _, last_progress = wait_count(lambda: sum(mine.zcards(DELIVERED, DEAD)) - sum(before),
+                                  len(sent.accepted), grace)
+    delivered, dead = (now - then for now, then in zip(mine.zcards(DELIVERED, DEAD), before, strict=True))
     by_command = mine.others()
 
     got = upstream_stats(upstream_base, recorded_before)
