@@ -1,0 +1,193 @@
+"""The delivery schedule's scripts against a real Redis: CLAIM_DUE takes what is due in batches and
+FINISH_MANY records many attempts in one call exactly as one call per attempt would (fencing,
+failure counting, the pause in the middle of a batch, retries back on the schedule)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import orjson
+import redis
+from redis.asyncio import Redis
+
+from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
+from gateway.store import NOT_COUNTED, Claimed, Finish, Health, NewEvent, Store
+
+LEASES = orjson.dumps({"crm": 4000})
+
+
+def run(redis_url: str, body: Callable[[Store], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        client = Redis.from_url(redis_url)
+        try:
+            return await body(Store(client, "gw"))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+async def accept(store: Store, count: int, integration: str = "crm") -> list[str]:
+    events = [
+        NewEvent(new_event_id(), integration, "", StoredRequest("POST", "http://x/", [], b"%d" % n).pack())
+        for n in range(count)
+    ]
+    return [event_id for event_id, _ in await store.accept(events, 60)]
+
+
+def record(n: int, outcome: EventState, status: int | None = 200) -> AttemptRecord:
+    return AttemptRecord(
+        n=n,
+        at_ms=now_ms(),
+        latency_ms=1.0,
+        status=status,
+        error=None,
+        detail="",
+        outcome=outcome.value,
+        body="",
+    )
+
+
+def failed(claimed: Claimed, threshold: int, due_ms: int = 0) -> Finish:
+    health = Health("F", threshold, "HTTP 500", 30.0)
+    return Finish(
+        claimed.event_id,
+        claimed.attempt,
+        EventState.RETRYING,
+        record(claimed.attempt, EventState.RETRYING, 500),
+        health,
+        due_ms,
+    )
+
+
+def delivered(claimed: Claimed) -> Finish:
+    state = EventState.DELIVERED
+    return Finish(claimed.event_id, claimed.attempt, state, record(claimed.attempt, state), Health("S"))
+
+
+def zmembers(rdb: redis.Redis, key: str) -> list[str]:
+    return [m.decode() for m in cast(list[bytes], rdb.zrange(key, 0, -1))]
+
+
+def hget(rdb: redis.Redis, key: str, field: str) -> bytes | None:
+    return cast(bytes | None, rdb.hget(key, field))
+
+
+def test_claim_due_takes_a_batch_in_due_order_and_leaves_the_rest(redis_url: str, rdb: redis.Redis) -> None:
+    async def body(store: Store) -> tuple[list[str], list[Claimed], list[Claimed]]:
+        ids = await accept(store, 5)
+        first = await store.claim_due(3, LEASES, 9000)
+        second = await store.claim_due(10, LEASES, 9000)
+        return ids, first, second
+
+    ids, first, second = run(redis_url, body)
+    # Events due in the same millisecond come in any order; each is taken once.
+    assert len(first) == 3 and sorted(c.event_id for c in first + second) == sorted(ids)
+    by_id = {c.event_id: c for c in first + second}
+    assert all((c.attempt, c.integration) == (1, "crm") for c in by_id.values())
+    assert [StoredRequest.unpack(by_id[i].request_blob).body for i in ids] == [b"0", b"1", b"2", b"3", b"4"]
+    assert rdb.zcard("gw:due") == 0
+    assert sorted(zmembers(rdb, "gw:st:crm:in_flight")) == sorted(ids) and rdb.zcard("gw:st:crm:pending") == 0
+    leases = dict(cast(list[tuple[bytes, float]], rdb.zrange("gw:lease", 0, -1, withscores=True)))
+    assert all(now_ms() + 3000 < score <= now_ms() + 4000 for score in leases.values())
+    assert {hget(rdb, f"gw:ev:{i}", "s") for i in ids} == {b"in_flight"}
+
+
+def test_finish_many_counts_failures_in_order_and_pauses_in_the_middle_of_a_batch(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    """Five failures against a threshold of three: the third pauses the integration and its retry,
+    like the two after it, is held (in arrival order) instead of scheduled; the warnings and the
+    pause are each signalled once, by the attempt that crossed them."""
+
+    async def body(store: Store) -> tuple[list[str], list[Any]]:
+        await accept(store, 5)
+        claimed = await store.claim_due(10, LEASES, 9000)
+        results = await store.finish_many([failed(c, 3, now_ms() + 60_000) for c in claimed])
+        return [c.event_id for c in claimed], results
+
+    ids, results = run(redis_url, body)
+    assert [r.consecutive_failures for r in results] == [1, 2, 3, 4, 5]
+    assert [r.signals for r in results] == [(), ("warn50",), ("warn90", "paused"), (), ()]
+    assert [r.state for r in results] == [EventState.RETRYING] * 2 + [EventState.HELD] * 3
+    assert [r.paused for r in results] == [False, False, True, True, True]
+    health = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], rdb.hgetall("gw:int:crm")).items()}
+    assert health["state"] == "paused" and health["fails"] == "5" and health["last_error"] == "HTTP 500"
+    assert sorted(zmembers(rdb, "gw:due")) == sorted(ids[:2])  # the retries before the pause
+    assert sorted(zmembers(rdb, "gw:st:crm:held")) == sorted(ids[2:])
+    assert rdb.zcard("gw:lease") == 0 and rdb.zcard("gw:st:crm:in_flight") == 0
+    assert hget(rdb, f"gw:ev:{ids[0]}", "n") == b"2"
+    assert [orjson.loads(a)["status"] for a in cast(list[bytes], rdb.lrange(f"gw:at:{ids[4]}", 0, -1))] == [
+        500
+    ]
+    assert (
+        hget(rdb, "gw:m:attempts", "crm|retrying") == b"2" and hget(rdb, "gw:m:attempts", "crm|held") == b"3"
+    )
+
+
+def test_finish_many_is_fenced_per_item_and_a_success_resets_the_count(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    async def body(store: Store) -> tuple[list[str], list[Any], list[Any]]:
+        await accept(store, 3)
+        a, b, c = await store.claim_due(10, LEASES, 9000)
+        ids = [a.event_id, b.event_id, c.event_id]
+        first = await store.finish_many([failed(a, 100), delivered(b)])
+        # a again (already finished), b with a wrong attempt number, then c: only c counts.
+        stale_b = Finish(b.event_id, 7, EventState.DELIVERED, record(7, EventState.DELIVERED), Health("S"))
+        second = await store.finish_many([failed(a, 100), stale_b, failed(c, 100)])
+        return ids, first, second
+
+    ids, first, second = run(redis_url, body)
+    assert [r.consecutive_failures for r in first] == [1, 0]
+    assert first[1].state is EventState.DELIVERED
+    assert second[0] is None and second[1] is None
+    assert second[2].consecutive_failures == 1  # the success in between reset the count
+    assert hget(rdb, "gw:int:crm", "fails") == b"1"
+    assert hget(rdb, f"gw:ev:{ids[1]}", "s") == b"delivered" and rdb.llen(f"gw:at:{ids[0]}") == 1
+    assert zmembers(rdb, "gw:st:crm:delivered") == [ids[1]]
+
+
+def test_due_retries_wait_their_time_and_paused_integrations_hold_what_comes_due(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    async def body(store: Store) -> tuple[list[str], list[Claimed], list[Claimed], list[Claimed]]:
+        await accept(store, 2)
+        a, b = await store.claim_due(10, LEASES, 9000)
+        ids = [a.event_id, b.event_id]
+        await store.finish_many([failed(a, 100, now_ms() + 60_000), failed(b, 100, now_ms() - 1)])
+        retried = await store.claim_due(10, LEASES, 9000)  # only b is due
+        await store.finish_many([failed(retried[0], 100, now_ms() - 1)])
+        await store.set_state("crm", "pause", manual=True)
+        held = await store.claim_due(10, LEASES, 9000)  # b is due again, but crm is paused
+        more = await accept(store, 1)
+        return ids + more, retried, held, await store.claim_due(10, LEASES, 9000)
+
+    ids, retried, held, after = run(redis_url, body)
+    assert [(c.event_id, c.attempt) for c in retried] == [(ids[1], 2)]
+    assert held == [] and after == []
+    assert zmembers(rdb, "gw:due") == [ids[0]]
+    assert zmembers(rdb, "gw:st:crm:held") == [ids[1], ids[2]]
+    assert hget(rdb, f"gw:ev:{ids[1]}", "s") == b"held"
+
+
+def test_the_reconciler_finishes_only_attempts_whose_lease_expired(redis_url: str, rdb: redis.Redis) -> None:
+    async def body(store: Store) -> list[Any]:
+        await accept(store, 2)
+        live, lost = await store.claim_due(10, LEASES, 9000)
+        await store.redis.zadd(store.keys.lease, {lost.event_id: now_ms() - 1})
+
+        def expired(c: Claimed) -> Finish:
+            state = EventState.RETRYING
+            stopped = record(c.attempt, state, None)
+            due = now_ms()
+            return Finish(c.event_id, c.attempt, state, stopped, NOT_COUNTED, due, only_if_lease_expired=True)
+
+        return await store.finish_many([expired(live), expired(lost)])
+
+    live, lost = run(redis_url, body)
+    assert live is None
+    assert lost.state is EventState.RETRYING and lost.consecutive_failures == 0
+    assert hget(rdb, "gw:int:crm", "fails") is None  # a lost worker says nothing about the endpoint
