@@ -19,8 +19,10 @@ Layout under a prefix P (default "gw"):
                                   (consecutive failed attempts), w50/w90 (warnings sent this
                                   episode), last_error, last_failure_ms, last_success_ms,
                                   paused_ms, manual (paused by hand: no probes), probe_ms (next
-                                  probe), cooldown_s, draining (a drain has taken held events and
-                                  has not yet found the held index empty)
+                                  probe), cooldown_s, draining (set by a resume that leaves held
+                                  events and by each drain batch; cleared when the drain finds
+                                  nothing left to take); last_success_ms is written at most once
+                                  a second
     P:drain:{integration}  string the lock of the one worker draining or probing it
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
@@ -133,13 +135,19 @@ local function flush(command, groups)
   for key, list in pairs(groups) do redis.call(command, key, unpack(list)) end
 end
 -- An integration holds events while it is paused, and while it drains what it held (they wait
--- behind the held ones, so arrival order is kept). The drain takes held events off the held index
--- before it sends them, so an empty index alone does not mean the drain is over: `draining` stays
--- set until the drain finds nothing left to take. Returns holding, and the last held score.
+-- behind the held ones, so arrival order is kept). `draining` is set by a resume that leaves held
+-- events and by each drain batch, and stays set until the drain finds nothing left to take (the
+-- drain takes held events off the held index before it sends them, so an empty index alone does
+-- not mean the drain is over). Events are held only while one of the two holds, so they cover a
+-- non-empty held index too, and one read answers.
 local function holds(integ)
   local f = redis.call('HMGET', int(integ), 'state', 'draining')
+  return f[1] == 'paused' or f[2] ~= false
+end
+-- The score of the last held event (0 when none is held).
+local function last_held(integ)
   local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
-  return f[1] == 'paused' or f[2] ~= false or #top > 0, tonumber(top[2] or 0)
+  return tonumber(top[2] or 0)
 end
 """
 
@@ -189,7 +197,10 @@ for k = 1, count do
     strings[#strings + 1] = rq(id)
     strings[#strings + 1] = blob
     accepted[integ] = (accepted[integ] or 0) + 1
-    if holding[integ] == nil then holding[integ], last[integ] = holds(integ) end
+    if holding[integ] == nil then
+      holding[integ] = holds(integ)
+      if holding[integ] then last[integ] = last_held(integ) end
+    end
     if holding[integ] then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
       group(indexed, st(integ, 'held'), held_score(integ), id)
@@ -288,9 +299,9 @@ local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, 
 local function load(integ)
   local h = health[integ]
   if h then return h end
-  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90')
+  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms')
   local fails = tonumber(f[2] or 0)
-  h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {},
+  h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {}, success = tonumber(f[5] or 0),
        w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
   health[integ] = h
   return h
@@ -311,7 +322,8 @@ for k, item in ipairs(items) do
     local r = {1, outcome, 0, 0}
     if item[6] == 'S' then
       h.fails, h.w50, h.w90 = 0, false, false
-      h.set.last_success_ms = now
+      -- once a second is precise enough for an operator, and saves a write per batch
+      if now - h.success >= 1000 then h.set.last_success_ms = now end
     elseif item[6] == 'F' then
       h.fails = h.fails + 1
       r[3] = h.fails
@@ -462,13 +474,14 @@ return 1
 
 # ARGV: prefix, integration, now, "pause" or "resume", "1" if by hand.
 # Returns {previous state, held count}. A resume clears the failure count and the episode; the
-# held events then drain, oldest first.
+# held events then drain, oldest first (the integration is `draining` until they are all sent).
 SET_STATE = (
     _PRELUDE
     + """
 local integ, now = ARGV[2], ARGV[3]
 local ik = int(integ)
 local before = redis.call('HGET', ik, 'state') or 'active'
+local held = redis.call('ZCARD', st(integ, 'held'))
 if ARGV[4] == 'pause' then
   if before ~= 'paused' or ARGV[5] == '1' then
     redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', ARGV[5])
@@ -476,8 +489,10 @@ if ARGV[4] == 'pause' then
 else
   redis.call('HSET', ik, 'state', 'active', 'fails', 0)
   redis.call('HDEL', ik, 'w50', 'w90', 'manual', 'probe_ms', 'cooldown_s', 'paused_ms')
+  -- new events keep waiting behind the held ones until the drain has taken them all
+  if held > 0 then redis.call('HSET', ik, 'draining', 1) end
 end
-return {before, redis.call('ZCARD', st(integ, 'held'))}
+return {before, held}
 """
 )
 
