@@ -37,7 +37,7 @@ Layout under a prefix P (default "gw"):
     ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
     the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
     event put back (RETURN_HELD, FINISH) returns to its exact place.
-    P:queue                the arq queue: the workers' periodic jobs (the reconciler), never
+    P:queue                the arq queue: the workers' periodic jobs (retention), never
                            events
 
 Every state change is one of the scripts below, and each checks the event's state (and, where
