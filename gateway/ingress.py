@@ -54,6 +54,8 @@ log = logging.getLogger("gateway.ingress")
 PREFIX = b"/hooks/"
 TOKEN_PARAM = "token"
 MAX_IDEMPOTENCY_KEY = 200
+# With a content-length, uvicorn sends the body as it is; without, chunked (more bytes to write and
+# for the helpdesk to parse).
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -81,9 +83,12 @@ class Ingress:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             await _answer(send, 500, error_body(InternalError("the gateway failed; see its log")))
             return
-        headers = [*JSON_HEADERS, (b"idempotent-replayed", b"true")] if repeat else JSON_HEADERS
+        body = b'{"id":"' + event_id.encode() + b'"}'
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        if repeat:
+            headers.append((b"idempotent-replayed", b"true"))
         await send({"type": "http.response.start", "status": 202, "headers": headers})
-        await send({"type": "http.response.body", "body": b'{"id":"' + event_id.encode() + b'"}'})
+        await send({"type": "http.response.body", "body": body})
 
     async def _accept(self, scope: Scope, receive: Receive) -> tuple[str, bool]:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -159,5 +164,6 @@ def _check_token(integration: Integration, given: str | None, query: str) -> str
 
 
 async def _answer(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
