@@ -109,7 +109,6 @@ class Keys:
         return f"{self.prefix}:queue"
 
 
-
 # Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
 # Each command costs Redis 3-7 us per event here, so the hot scripts work on batches and use as
 # few per event as the invariants allow: ACCEPT one, CLAIM_DUE two, FINISH_MANY three; the rest

@@ -387,7 +387,9 @@ class Batcher(Generic[T, R]):
 
     Up to `max_in_flight` calls run at once (two: while Redis runs one, the next is being sent);
     the items that arrive meanwhile wait and go together in the next call. Under load a call holds
-    about half the items in flight; an idle process still sends each item at once. A call that
+    about half the items in flight; an idle process still sends each item at once, or, with
+    `linger_s`, after waiting that long for others to join it (for callers that do not wait on the
+    answer to reply to anyone, fewer and larger calls cost Redis less). A call that
     fails or takes longer than `timeout_s` fails every caller of its batch with `error(exc)`, so
     no caller hangs and none is told its item was written when it was not.
     """
@@ -399,8 +401,10 @@ class Batcher(Generic[T, R]):
         error: Callable[[Exception], Exception],
         max_batch: int = 512,
         max_in_flight: int = 2,
+        linger_s: float = 0.0,
     ) -> None:
         self._write = write
+        self._linger_s = linger_s
         self._timeout_s = timeout_s
         self._error = error
         self._max_batch = max_batch
@@ -408,6 +412,11 @@ class Batcher(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    async def flush(self) -> None:
+        """Waits until every item submitted so far is written (or has failed)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
@@ -422,6 +431,8 @@ class Batcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         try:
+            if self._linger_s:
+                await asyncio.sleep(self._linger_s)
             while self._waiting:
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -52,6 +52,10 @@ VERDICT_STATE = {
 DAY_MS = 86_400_000
 MAX_CLAIM = 256  # due attempts taken in one call
 FINISH_TIMEOUT_S = 10.0  # a recording that takes longer fails; the lease then brings the attempt back
+# How long an attempt's record waits for others to share its script call. The endpoint already has
+# the request, so this delays only the record (by less than the lease margin), not the delivery;
+# at 200 events/s it halves the Redis commands that recording costs per event.
+FINISH_LINGER_S = 0.005
 # A worker that died, or a config that lost the integration, says nothing about the endpoint.
 NOT_THE_ENDPOINT = frozenset(
     {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION}
@@ -110,15 +114,19 @@ class Deliverer:
         self._alerts = alerts
         self._margin_ms = int(settings.config.worker.lease_margin_s * 1000)
         self._finisher: Batcher[Finish, Finished | None] = Batcher(
-            store.finish_many, FINISH_TIMEOUT_S, lambda exc: exc
+            store.finish_many, FINISH_TIMEOUT_S, lambda exc: exc, linger_s=FINISH_LINGER_S
         )
 
     def lease_ms(self, integration: Integration | None) -> int:
         timeout_s = integration.timeout_s if integration else self._config.longest_timeout_s
         return int(timeout_s * 1000) + self._margin_ms
 
-    async def deliver(self, claimed: Claimed) -> None:
-        """Sends a claimed attempt and records how it ended."""
+    async def flush(self) -> None:
+        """Waits for the records still being written."""
+        await self._finisher.flush()
+
+    async def deliver(self, claimed: Claimed, sent: Callable[[], None] = lambda: None) -> None:
+        """Sends a claimed attempt and records how it ended; calls `sent` between the two."""
         event_id, attempt, name = claimed.event_id, claimed.attempt, claimed.integration
         started_ms = now_ms()
         try:
@@ -133,6 +141,7 @@ class Deliverer:
                     self.record(event_id, attempt, name, stopped, Verdict.RETRY, 0.0, started_ms)
                 )
             raise
+        sent()
         await self.record(event_id, attempt, name, result, verdict, wait_s, started_ms)
 
     async def attempt(
@@ -259,9 +268,10 @@ class Deliverer:
 class Pump:
     """Takes due attempts off the schedule in batches and sends them, up to `concurrency` at once.
 
-    While the worker is busy it waits until a quarter of its slots are free before it takes more,
-    so that a call takes a batch rather than one event; when fewer events were due than it asked
-    for, it looks again after `poll_delay_s`.
+    A slot is taken while an attempt's HTTP request is out and freed as soon as it has ended (its
+    record is then written with others). While the worker is busy it waits until a quarter of its
+    slots are free before it takes more, so that a call takes a batch rather than one event; when
+    fewer events were due than it asked for, it looks again after `poll_delay_s`.
     """
 
     def __init__(self, settings: Settings, store: Store, deliverer: Deliverer) -> None:
@@ -274,7 +284,8 @@ class Pump:
         integrations = [*config.integrations, *config.alert_sinks]
         self._leases = orjson.dumps({i.name: deliverer.lease_ms(i) for i in integrations})
         self._default_lease_ms = deliverer.lease_ms(None)
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[None]] = set()  # HTTP request out: holds a slot
+        self._tasks: set[asyncio.Task[None]] = set()  # sending or recording
         self._room = asyncio.Event()
 
     async def run_forever(self) -> None:
@@ -293,28 +304,43 @@ class Pump:
                     await asyncio.sleep(1)
                     continue
                 for attempt in claimed:
-                    task = asyncio.create_task(self._deliverer.deliver(attempt))
-                    self._sending.add(task)
-                    task.add_done_callback(self._sent)
+                    self._start(attempt)
                 if len(claimed) < limit:
                     await asyncio.sleep(self._poll_s)
         finally:
             await self.stop()
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _start(self, attempt: Claimed) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(
+            self._deliverer.deliver(attempt, lambda: self._free(task))
+        )
+        self._sending.add(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _free(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
         if self._capacity - len(self._sending) >= self._floor:
             self._room.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._free(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Its record could not be written (Redis lost): the lease brings the attempt back.
-            log.warning("an attempt could not be recorded (%s: %s); its lease will bring it back",
-                        type(exc).__name__, exc)
+            log.warning(
+                "an attempt could not be recorded (%s: %s); its lease will bring it back",
+                type(exc).__name__,
+                exc,
+            )
 
     async def stop(self) -> None:
-        """Hands back the attempts being sent (each records itself as stopped) and waits for them."""
+        """Hands back the attempts being sent (each records itself as stopped), and waits for every
+        record, those of attempts that ended included."""
         for task in self._sending:
             task.cancel()
-        await asyncio.gather(*self._sending, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._deliverer.flush()
 
 
 class Reconciler:
