@@ -848,6 +848,28 @@ def rss_bytes(pid: int) -> int:
 # --- The suite's table -------------------------------------------------------------------------------
 
 
+
+def redis_memory(r: redis.Redis) -> tuple[int, int]:
+    """(used_memory, memory of normal clients' buffers)."""
+    info = cast(dict[str, Any], r.info("memory"))
+    return int(info["used_memory"]), int(info.get("mem_clients_normal", 0))
+
+
+def settled_memory(r: redis.Redis, quiet_s: float = 1.0, timeout_s: float = 15.0) -> tuple[int, int]:
+    """used_memory once connection buffers have shrunk back (Redis does it in its clients cron):
+    the first reading whose client memory has not changed for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = redis_memory(r)
+    since = time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = redis_memory(r)
+        if now[1] != last[1]:
+            since = time.monotonic()
+        last = now
+    return last
+
+
 @dataclass(frozen=True)
 class Figure:
     """One row of the suite's table: a figure beside its baseline measured in the same run and its

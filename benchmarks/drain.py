@@ -86,6 +86,7 @@ from benchmarks._common import (
     print_table,
     run_main,
     run_queue_seconds,
+    settled_memory,
     start_stack,
     state_key,
     upstream_stats,
@@ -152,26 +153,6 @@ def _int(value: Any) -> int:
 
 def _zcards(r: redis.Redis) -> dict[str, int]:
     return CountingRedis(r).states()
-
-
-def _memory(r: redis.Redis) -> tuple[int, int]:
-    info = cast(dict[str, Any], r.info("memory"))
-    return int(info["used_memory"]), int(info.get("mem_clients_normal", 0))
-
-
-def _settled_memory(r: redis.Redis, quiet_s: float = 1.0, timeout_s: float = 15.0) -> tuple[int, int]:
-    """used_memory once connection buffers have shrunk back (Redis does it in its clients cron):
-    the first reading whose client memory has not changed for `quiet_s`."""
-    deadline = time.monotonic() + timeout_s
-    last = _memory(r)
-    since = time.monotonic()
-    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = _memory(r)
-        if now[1] != last[1]:
-            since = time.monotonic()
-        last = now
-    return last
 
 
 def _admin(base: str, token: str, action: str) -> dict[str, Any]:
@@ -378,11 +359,11 @@ def measure(h: Harness, args: argparse.Namespace, body: bytes, problems: list[st
         paused = _admin(api, token, "pause")
         if paused.get("state") != "paused":
             raise RuntimeError(f"the pause answered {paused}")
-        mem_before = _settled_memory(r)
+        mem_before = settled_memory(r)
 
         print(f"drain: ingesting {args.events} events (paused: held)...", file=sys.stderr, flush=True)
         got = ingest(h, api, r, body, args, problems)
-        mem_after = _settled_memory(r)
+        mem_after = settled_memory(r)
         order = [x.decode() for x in cast(list[bytes], r.zrange(HELD, 0, -1))]
         memory = memory_breakdown(r, order, mem_before, mem_after)
         print(f"  {got.held} held in {got.seconds:.1f} s; "
