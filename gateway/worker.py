@@ -481,15 +481,14 @@ async def _run_once(settings: Settings, *, stopping: asyncio.Event) -> None:
         handle_signals=True,
     )
     worker.on_stop = lambda _: stopping.set()
-    pump = Pump(settings, store, deliverer)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     tasks = [
-        asyncio.create_task(pump.run_forever()),
+        asyncio.create_task(Pump(settings, store, deliverer).run_forever()),
         asyncio.create_task(Reconciler(settings, store, deliverer).run_forever()),
         asyncio.create_task(Drainer(settings, store, deliverer, alerts).run_forever()),
         asyncio.create_task(ReplayRunner(store).run_forever()),
-        asyncio.create_task(_beat(store, f"{socket.gethostname()}:{os.getpid()}")),
+        asyncio.create_task(_beat(store, worker_id)),
     ]
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     log.info(
         "worker ready: %d integrations, concurrency %d", len(config.integrations), config.worker.concurrency
     )
