@@ -117,6 +117,7 @@ class AddressPolicy:
 
     def __init__(self, allowed: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
         self._allowed = list(allowed)
+        self._literal: dict[str, bool] = {}  # host -> allowed, for targets given as addresses
 
     def allows(self, address: str) -> bool:
         try:
@@ -128,11 +129,18 @@ class AddressPolicy:
         return ip.is_global
 
     def check_literal(self, host: str) -> None:
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return
-        if not self.allows(host.strip("[]")):
+        """Refuses a target given as an IP address the policy does not allow (names are checked
+        when they are resolved). A worker sends to few hosts, so each answer is kept."""
+        allowed = self._literal.get(host)
+        if allowed is None:
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                allowed = self.allows(host.strip("[]"))
+            except ValueError:
+                allowed = True  # a name: the resolver checks its addresses
+            if len(self._literal) < 1024:
+                self._literal[host] = allowed
+        if not allowed:
             raise BlockedTarget(f"{host} is not an allowed address")
 
 
@@ -204,12 +212,14 @@ class Sender:
         assert self._session is not None, "Sender.start() was not awaited"
         started = time.perf_counter()
         try:
-            self._policy.check_literal(URL(url).host or "")
+            # Parsed once, here: aiohttp takes the parsed URL as it is.
+            target = URL(url)
+            self._policy.check_literal(target.host or "")
             # One deadline for the whole exchange (connect, send, headers, body): the lease and
             # the job timeout are set above it, so a slow endpoint never gets a second copy.
             async with asyncio.timeout(timeout_s):
                 async with self._session.request(
-                    method, url, headers=headers, data=body or None, allow_redirects=False
+                    method, target, headers=headers, data=body or None, allow_redirects=False
                 ) as response:
                     snippet = await response.content.read(SNIPPET_BYTES)
                     status = response.status

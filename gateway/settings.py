@@ -170,8 +170,11 @@ class Config(_Model):
     @property
     def alert_sinks(self) -> list[Integration]:
         """Each [[alerts]] entry as an internal integration, so alerts are delivered with retries
-        like any event."""
-        return [
+        like any event. Built once (the config does not change while it is loaded)."""
+        cached: list[Integration] | None = self.__dict__.get("_alert_sinks_cache")
+        if cached is not None:
+            return cached
+        cached = self.__dict__["_alert_sinks_cache"] = [
             Integration.model_construct(
                 name=f"_alert-{n}",
                 target=alert.url,
@@ -189,6 +192,7 @@ class Config(_Model):
             )
             for n, alert in enumerate(self.alerts)
         ]
+        return cached
 
     @property
     def _by_name(self) -> dict[str, Integration]:
