@@ -298,9 +298,10 @@ local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, 
 local function load(integ)
   local h = health[integ]
   if h then return h end
-  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms')
+  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms', 'draining')
   local fails = tonumber(f[2] or 0)
   h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {}, success = tonumber(f[5] or 0),
+       draining = f[6] ~= false,
        w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
   health[integ] = h
   return h
@@ -339,7 +340,11 @@ for k, item in ipairs(items) do
       end
     end
     if h.state == 'paused' then r[4] = 1 end
-    if outcome == 'retrying' and (item[10] == 'held' or h.state == 'paused') then
+    -- Held instead of scheduled: a drained event that failed, any retry while paused, and an
+    -- attempt lost with its worker while the integration drains (a drained one goes back to its
+    -- exact place; the others would be held when they came due anyway).
+    local lost_in_drain = item[5] == '1' and h.draining
+    if outcome == 'retrying' and (item[10] == 'held' or h.state == 'paused' or lost_in_drain) then
       outcome = 'held'
       r[2] = outcome
     end

@@ -191,3 +191,38 @@ def test_the_reconciler_finishes_only_attempts_whose_lease_expired(redis_url: st
     assert live is None
     assert lost.state is EventState.RETRYING and lost.consecutive_failures == 0
     assert hget(rdb, "gw:int:crm", "fails") is None  # a lost worker says nothing about the endpoint
+
+
+def test_drained_events_lost_with_their_worker_go_back_to_their_places(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    """A worker that dies while it drains leaves the events it took in flight; when their leases
+    expire they return to the held queue where they were, not to the schedule behind newer ones."""
+
+    async def body(store: Store) -> tuple[list[tuple[bytes, float]], list[Any]]:
+        await store.set_state("crm", "pause", manual=True)
+        await accept(store, 4)
+        held = cast(
+            list[tuple[bytes, float]], await store.redis.zrange("gw:st:crm:held", 0, -1, withscores=True)
+        )
+        await store.set_state("crm", "resume", manual=True)
+        taken = await store.take_held("crm", 2, 4000, probe=False)
+        await store.redis.zadd(store.keys.lease, {event_id: now_ms() - 1 for event_id, *_ in taken})
+        lost = [
+            Finish(
+                event_id,
+                n,
+                EventState.RETRYING,
+                record(n, EventState.RETRYING, None),
+                NOT_COUNTED,
+                now_ms(),
+                only_if_lease_expired=True,
+            )
+            for event_id, n, _, _ in taken
+        ]
+        return held, await store.finish_many(lost)
+
+    held, finished = run(redis_url, body)
+    assert [f.state for f in finished] == [EventState.HELD, EventState.HELD]
+    assert cast(list[tuple[bytes, float]], rdb.zrange("gw:st:crm:held", 0, -1, withscores=True)) == held
+    assert rdb.zcard("gw:due") == 0
