@@ -42,6 +42,10 @@ class ErrorKind(StrEnum):
     UNKNOWN_INTEGRATION = "unknown_integration"
 
 
+# Attempts that sent nothing (the worker sending them was lost or stopped, or the config no longer
+# has the integration): they say nothing about the endpoint and have no latency.
+NOT_SENT = frozenset({ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION})
+
 # Errors a later attempt cannot fix.
 FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL})
 

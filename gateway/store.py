@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.delivery import NOT_SENT
 from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
 
@@ -40,7 +41,6 @@ def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64)
 
 # Upper bounds (s) of the attempt latency histogram; "+Inf" is implied.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-NOT_SENT = ("lease_expired", "worker_stopped", "unknown_integration")
 
 
 def latency_fields(record: AttemptRecord) -> tuple[str, str]:
@@ -127,6 +127,23 @@ class Finish:
         ]
 
 
+# The event hash's fields an event summary shows: state, attempt, integration, received, updated.
+SUMMARY_FIELDS = [b"s", b"n", b"i", b"t", b"d"]
+
+
+def _summary(
+    event_id: str, state: bytes, attempt: bytes, integration: bytes, received: bytes, updated: bytes
+) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "integration": integration.decode(),
+        "state": state.decode(),
+        "attempt": int(attempt),
+        "received_ms": int(received),
+        "updated_ms": int(float(updated)),
+    }
+
+
 class Store:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis = redis
@@ -180,10 +197,6 @@ class Store:
             *(orjson.dumps(i.record) for i in items),
         ]
         return [Finished.parse(got) for got in await self._finish_many(args=args)]
-
-    async def finish(self, item: Finish) -> Finished | None:
-        (finished,) = await self.finish_many([item])
-        return finished
 
     async def take_held(
         self, integration: str, count: int, lease_ms: int, *, probe: bool
@@ -250,16 +263,8 @@ class Store:
             fields, blob, attempts = await pipe.execute()
         if not fields:
             return None
-        return {
-            "id": event_id,
-            "state": fields[b"s"].decode(),
-            "integration": fields[b"i"].decode(),
-            "attempt": int(fields[b"n"]),
-            "received_ms": int(fields[b"t"]),
-            "updated_ms": int(float(fields[b"d"])),
-            "request_blob": blob,
-            "attempts": [orjson.loads(a) for a in attempts],
-        }
+        summary = _summary(event_id, *(fields[f] for f in SUMMARY_FIELDS))
+        return summary | {"request_blob": blob, "attempts": [orjson.loads(a) for a in attempts]}
 
     async def replay(self, event_id: str, attempt: int, integration: str, reason: str) -> str | None:
         """Sends a delivered or dead event again; returns its new state, or None if it was neither.
@@ -312,24 +317,14 @@ class Store:
         page = found[:limit]
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, event_id in page:
-                pipe.hmget(self.keys.event(event_id), ["s", "n", "i", "t", "d"])
+                pipe.hmget(self.keys.event(event_id), SUMMARY_FIELDS)
             details = await pipe.execute()
-        items = []
-        for (_, event_id), (state, attempt, integration, received, updated) in zip(
-            page, details, strict=True
-        ):
-            if state is None:  # removed by retention since the index was read
-                continue
-            items.append(
-                {
-                    "id": event_id,
-                    "integration": integration.decode(),
-                    "state": state.decode(),
-                    "attempt": int(attempt),
-                    "received_ms": int(received),
-                    "updated_ms": int(float(updated)),
-                }
-            )
+        # An event removed by retention since the index was read has no fields left.
+        items = [
+            _summary(event_id, *fields)
+            for (_, event_id), fields in zip(page, details, strict=True)
+            if fields[0] is not None
+        ]
         next_cursor = page[-1] if len(found) > limit else None
         return items, next_cursor
 

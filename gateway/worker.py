@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import signing
 from gateway.alerts import SIGNALS, Alerts
-from gateway.delivery import AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
+from gateway.delivery import NOT_SENT, AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
 from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
@@ -54,12 +54,8 @@ MAX_CLAIM = 256  # due attempts taken in one call
 FINISH_TIMEOUT_S = 10.0  # a recording that takes longer fails; the lease then brings the attempt back
 # How long an attempt's record waits for others to share its script call. The endpoint already has
 # the request, so this delays only the record (by less than the lease margin), not the delivery;
-# at 200 events/s it halves the Redis commands that recording costs per event.
+# measured at 200 events/s: 17.4 -> 16.1 Redis commands per delivered event.
 FINISH_LINGER_S = 0.005
-# A worker that died, or a config that lost the integration, says nothing about the endpoint.
-NOT_THE_ENDPOINT = frozenset(
-    {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION}
-)
 TRIM_SECONDS = set(range(0, 60, 10))  # retention runs at these seconds of every minute
 
 
@@ -166,7 +162,7 @@ class Deliverer:
 
     def health(self, name: str, result: Result) -> Health:
         integration = self._config.integration(name)
-        if integration is None or integration.internal or result.error in NOT_THE_ENDPOINT:
+        if integration is None or integration.internal or result.error in NOT_SENT:
             return NOT_COUNTED
         if result.ok:
             return Health("S")
