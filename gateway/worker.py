@@ -101,7 +101,7 @@ def log_attempt(
 
 
 class Deliverer:
-    """Sends attempts and records them: the one path for arq jobs, drains and probes."""
+    """Sends attempts and records them: the one path for the pump, drains and probes."""
 
     def __init__(self, settings: Settings, store: Store, sender: Sender, alerts: Alerts) -> None:
         self._config = settings.config
@@ -169,10 +169,23 @@ class Deliverer:
         error = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
         return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
 
-    def attempt_record(
-        self, attempt: int, result: Result, state: EventState, started_ms: int
-    ) -> AttemptRecord:
-        return AttemptRecord(
+    def finish_item(
+        self,
+        event_id: str,
+        attempt: int,
+        integration: str,
+        result: Result,
+        verdict: Verdict,
+        started_ms: int,
+        wait_s: float = 0.0,
+        *,
+        only_if_lease_expired: bool = False,
+        retry_state: EventState = EventState.RETRYING,
+    ) -> Finish:
+        """How an attempt ended, as FINISH_MANY records it: its attempt record, what it says about
+        its integration's health, and when a retry is due."""
+        state = VERDICT_STATE[verdict]
+        record = AttemptRecord(
             n=attempt,
             at_ms=started_ms,
             latency_ms=result.latency_ms,
@@ -181,6 +194,18 @@ class Deliverer:
             detail=result.detail,
             outcome=state.value,
             body=result.body.decode("utf-8", "replace"),
+        )
+        if verdict is Verdict.RETRY and retry_state is EventState.RETRYING:
+            record["retry_in_s"] = round(wait_s, 3)
+        return Finish(
+            event_id,
+            attempt,
+            state,
+            record,
+            self.health(integration, result),
+            due_ms=now_ms() + int(wait_s * 1000),
+            only_if_lease_expired=only_if_lease_expired,
+            retry_state=retry_state,
         )
 
     async def record(
@@ -196,26 +221,21 @@ class Deliverer:
         only_if_lease_expired: bool = False,
         retry_state: EventState = EventState.RETRYING,
     ) -> Finished | None:
-        state = VERDICT_STATE[verdict]
-        record = self.attempt_record(attempt, result, state, started_ms)
-        if verdict is Verdict.RETRY and retry_state is EventState.RETRYING:
-            record["retry_in_s"] = round(wait_s, 3)
-        health = self.health(integration, result)
-        finished = await self._finisher.submit(
-            Finish(
-                event_id,
-                attempt,
-                state,
-                record,
-                health,
-                due_ms=now_ms() + int(wait_s * 1000),
-                only_if_lease_expired=only_if_lease_expired,
-                retry_state=retry_state,
-            )
+        item = self.finish_item(
+            event_id,
+            attempt,
+            integration,
+            result,
+            verdict,
+            started_ms,
+            wait_s,
+            only_if_lease_expired=only_if_lease_expired,
+            retry_state=retry_state,
         )
+        finished = await self._finisher.submit(item)
         log_attempt(logging.INFO, event_id, attempt, integration, result, finished)
         if finished and finished.signals:
-            await self.signal(integration, finished, health)
+            await self.signal(integration, finished, item.health)
         return finished
 
     async def record_many(
@@ -224,12 +244,12 @@ class Deliverer:
         """Records attempts that need no retry (delivered or dead) in one round trip: the drain's
         path, where one FINISH per event cost more than the send. (id, attempt, result, verdict,
         started ms) each."""
-        items = []
-        for event_id, attempt, result, verdict, started_ms in sent:
-            state = VERDICT_STATE[verdict]
-            record = self.attempt_record(attempt, result, state, started_ms)
-            health = self.health(integration, result)
-            items.append(Finish(event_id, attempt, state, record, health, retry_state=EventState.HELD))
+        items = [
+            self.finish_item(
+                event_id, attempt, integration, result, verdict, started_ms, retry_state=EventState.HELD
+            )
+            for event_id, attempt, result, verdict, started_ms in sent
+        ]
         results = await self._store.finish_many(items)
         delivered = sum(1 for f in results if f is not None and f.state is EventState.DELIVERED)
         log.info(
