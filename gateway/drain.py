@@ -105,7 +105,7 @@ class Drainer:
     async def _locked(self, integration: Integration, *, probe: bool) -> None:
         lock = self._store.keys.drain_lock(integration.name)
         lock_ms = self._batch_lease_ms(integration) + 5000
-        if not await self._store.redis.set(lock, self._owner, nx=True, px=lock_ms):
+        if not await self._store.lock(lock, self._owner, lock_ms):
             return
         try:
             if probe and not await self._probe(integration):
@@ -115,8 +115,7 @@ class Drainer:
             log.warning("drain of %s stopped: Redis unavailable (%s)", integration.name, exc)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                if await self._store.redis.get(lock) == self._owner.encode():
-                    await self._store.redis.delete(lock)
+                await self._store.unlock(lock, self._owner)
 
     async def _send(
         self, name: str, event_id: str, attempt: int, received_ms: int, blob: bytes

@@ -26,6 +26,7 @@ Layout under a prefix P (default "gw"):
     P:drain:{integration}  string the lock of the one worker draining or probing it
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
+    P:replay:{id}:lock     string the lock of the one worker running it
     P:replays              set    the bulk replays still running
     P:workers              zset   worker id -> its last heartbeat (ms); live: within HEARTBEAT_TTL
     P:m:accepted           hash   metrics, cluster-wide: integration -> events accepted
@@ -90,6 +91,9 @@ class Keys:
 
     def replay(self, replay_id: str) -> str:
         return f"{self.prefix}:replay:{replay_id}"
+
+    def replay_lock(self, replay_id: str) -> str:
+        return f"{self.prefix}:replay:{replay_id}:lock"
 
     def replay_ids(self, replay_id: str) -> str:
         return f"{self.prefix}:replay:{replay_id}:ids"
@@ -554,3 +558,10 @@ redis.call('ZADD', P .. ':due', now, id)
 return 'pending'
 """
 )
+
+# KEYS[1]: a lock; ARGV[1]: its owner. Deletes the lock only if that owner still holds it (a lock
+# that expired may already belong to another worker). Returns 1 when it did.
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -31,6 +31,7 @@ BATCH = 20
 CHECK_INTERVAL_S = 0.2
 IDEMPOTENCY_TTL_S = 86400
 KEEP_DONE_S = 7 * 86400
+LOCK_MS = 30_000  # one worker runs a replay; its lock is renewed after each batch
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,13 @@ class ReplayRunner:
         redis, keys = self._store.redis, self._store.keys
         for raw in await redis.smembers(keys.running_replays):  # type: ignore[misc]
             replay_id = raw.decode()
-            lock = keys.replay(replay_id) + ":lock"
-            if not await redis.set(lock, self._owner, nx=True, px=30_000):
+            lock = keys.replay_lock(replay_id)
+            if not await self._store.lock(lock, self._owner, LOCK_MS):
                 continue
             try:
                 await self._run(replay_id, lock)
             finally:
-                await redis.delete(lock)
+                await self._store.unlock(lock, self._owner)
 
     async def _run(self, replay_id: str, lock: str) -> None:
         redis, keys = self._store.redis, self._store.keys
@@ -186,7 +187,7 @@ class ReplayRunner:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.hincrby(keys.replay(replay_id), "replayed", replayed)
                 pipe.hincrby(keys.replay(replay_id), "skipped", skipped)
-                pipe.pexpire(lock, 30_000)
+                pipe.pexpire(lock, LOCK_MS)
                 await pipe.execute()
             spare = len(ids) / REPLAY_RATE_PER_S - (time.monotonic() - started)
             if spare > 0:

@@ -156,6 +156,7 @@ class Store:
         self._set_state = redis.register_script(keys.SET_STATE)
         self._replay = redis.register_script(keys.REPLAY)
         self._trim = redis.register_script(keys.TRIM)
+        self._unlock = redis.register_script(keys.UNLOCK)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events, due now; returns (id, is_repeat) for each."""
@@ -354,6 +355,14 @@ class Store:
             "dead": dead,
             "delivered_24h": delivered,
         }
+
+    async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
+        """Takes a lock that expires after `ttl_ms` (kept by `pexpire` while its work goes on)."""
+        return bool(await self.redis.set(key, owner, nx=True, px=ttl_ms))
+
+    async def unlock(self, key: str, owner: str) -> None:
+        """Releases a lock if `owner` still holds it."""
+        await self._unlock(keys=[key], args=[owner])
 
     async def beat(self, worker_id: str) -> None:
         """A worker's heartbeat; entries silent for an hour are dropped."""
