@@ -135,14 +135,8 @@ class Admin:
         q = request.query_params
         names = [i.name for i in self._config.integrations]
         if q.get("integration"):
-            if q["integration"] not in names:
-                raise InvalidParameter(f"integration: no integration is named {q['integration']!r}")
-            names = [q["integration"]]
-        states = [s.value for s in EventState]
-        if q.get("state"):
-            if q["state"] not in states:
-                raise InvalidParameter(f"state: must be one of {', '.join(states)}")
-            states = [q["state"]]
+            names = [_known_integration(q["integration"], names)]
+        states = [_state(q["state"]).value] if q.get("state") else [s.value for s in EventState]
         limit = _bounded_int(q.get("limit"), "limit", 1, MAX_PAGE, default=DEFAULT_PAGE)
         cursor = _cursor(q.get("cursor"))
         items, next_cursor = await self._store.list_events(
@@ -206,17 +200,14 @@ class Admin:
         """Sends a delivered or dead event again, with the same webhook-id."""
         self._authorize(request)
         event_id = request.path_params["id"]
-        event = await self._store.event(event_id)
-        if event is None:
+        meta = await self._store.meta(event_id)
+        if meta is None:
             raise NotFound(f"no event has the id {event_id!r} (or it has been removed)")
-        state = await self._store.replay(
-            event_id, event["attempt"], event["integration"], "replay requested by an operator"
-        )
+        current, attempt, integration, _ = meta
+        state = await self._store.replay(event_id, attempt, integration, "replay requested by an operator")
         if state is None:
-            raise Conflict(
-                f"event {event_id} is {event['state']}: only delivered or dead events are replayed"
-            )
-        return json_response({"id": event_id, "state": state, "attempt": event["attempt"] + 1}, 202)
+            raise Conflict(f"event {event_id} is {current}: only delivered or dead events are replayed")
+        return json_response({"id": event_id, "state": state, "attempt": attempt + 1}, 202)
 
 
 DEFAULT_PAGE = 50
@@ -280,6 +271,19 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _known_integration(name: str, names: list[str]) -> str:
+    if name not in names:
+        raise InvalidParameter(f"integration: no integration is named {name!r}")
+    return name
+
+
+def _state(value: str) -> EventState:
+    try:
+        return EventState(value)
+    except ValueError:
+        raise InvalidParameter(f"state: must be one of {', '.join(s.value for s in EventState)}") from None
+
+
 def _replay_filter(body: dict[str, Any], names: list[str]) -> Filter:
     unknown = set(body) - {"integration", "state", "since", "until"}
     if unknown:
@@ -289,14 +293,9 @@ def _replay_filter(body: dict[str, Any], names: list[str]) -> Filter:
         if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
             raise InvalidParameter(f"{field}: must be a string")
     integration = body.get("integration")
-    if integration is not None and integration not in names:
-        raise InvalidParameter(f"integration: no integration is named {integration!r}")
-    state = body.get("state") or "dead"
-    if state not in {s.value for s in EventState}:
-        raise InvalidParameter(f"state: must be one of {', '.join(s.value for s in EventState)}")
     return Filter(
-        integration,
-        EventState(state),
+        None if integration is None else _known_integration(integration, names),
+        _state(body.get("state") or "dead"),
         _time_ms(str(body["since"]) if body.get("since") is not None else None, "since"),
         _time_ms(str(body["until"]) if body.get("until") is not None else None, "until"),
     )
