@@ -24,16 +24,9 @@ from starlette.responses import Response
 
 from gateway.events import EventState, now_ms
 from gateway.settings import Config
-from gateway.store import HEARTBEAT_TTL_MS, LATENCY_BUCKETS, Store
+from gateway.store import COUNTED_STATES, HEARTBEAT_TTL_MS, LATENCY_BUCKETS, Store
 
 log = logging.getLogger("gateway.metrics")
-GAUGE_STATES = (
-    EventState.PENDING,
-    EventState.IN_FLIGHT,
-    EventState.RETRYING,
-    EventState.HELD,
-    EventState.DEAD,
-)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -93,7 +86,7 @@ class Metrics:
                 pipe.hgetall(keys.metric(name))
             pipe.zcount(keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf")
             for integration in integrations:
-                for state in GAUGE_STATES:
+                for state in COUNTED_STATES:
                     pipe.zcard(keys.state_index(integration.name, state))
                 pipe.zrange(keys.state_index(integration.name, EventState.PENDING), 0, 0, withscores=True)
                 pipe.hmget(keys.integration(integration.name), ["state", "fails"])
@@ -102,7 +95,7 @@ class Metrics:
         workers_f = GaugeMetricFamily("gateway_workers_live", "Workers with a heartbeat in the last 10 s.")
         workers_f.add_metric([], float(replies[6]))
         per_integration = replies[7:]
-        step = len(GAUGE_STATES) + 2
+        step = len(COUNTED_STATES) + 2
         now = now_ms()
 
         accepted_f = CounterMetricFamily(
@@ -146,9 +139,9 @@ class Metrics:
             cumulative += float(latency.get(f"{name}|{len(LATENCY_BUCKETS)}", 0))
             buckets.append(("+Inf", cumulative))
             latency_f.add_metric([name], buckets, float(latency_sum.get(name, 0)))
-            for state, count in zip(GAUGE_STATES, chunk[: len(GAUGE_STATES)], strict=True):
+            for state, count in zip(COUNTED_STATES, chunk[: len(COUNTED_STATES)], strict=True):
                 events_f.add_metric([name, state.value], float(count))
-            oldest = chunk[len(GAUGE_STATES)]
+            oldest = chunk[len(COUNTED_STATES)]
             oldest_f.add_metric([name], max(0.0, (now - oldest[0][1]) / 1000) if oldest else 0.0)
             state, fails = chunk[-1]
             paused_f.add_metric([name], 1.0 if state == b"paused" else 0.0)

@@ -127,6 +127,16 @@ class Finish:
         ]
 
 
+# The states whose events are counted whole (delivered ones pile up until retention: they are
+# counted over a window, or by the attempt counters).
+COUNTED_STATES = (
+    EventState.PENDING,
+    EventState.IN_FLIGHT,
+    EventState.RETRYING,
+    EventState.HELD,
+    EventState.DEAD,
+)
+
 # The event hash's fields an event summary shows: state, attempt, integration, received, updated.
 SUMMARY_FIELDS = [b"s", b"n", b"i", b"t", b"d"]
 
@@ -337,23 +347,12 @@ class Store:
     async def counts(self, integration: str, now: int) -> dict[str, int]:
         """Events of an integration by state (delivered: in the last 24 hours)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for state in (
-                EventState.PENDING,
-                EventState.IN_FLIGHT,
-                EventState.RETRYING,
-                EventState.HELD,
-                EventState.DEAD,
-            ):
+            for state in COUNTED_STATES:
                 pipe.zcard(self.keys.state_index(integration, state))
             pipe.zcount(self.keys.state_index(integration, EventState.DELIVERED), now - 86_400_000, "+inf")
-            pending, in_flight, retrying, held, dead, delivered = await pipe.execute()
-        return {
-            "pending": pending,
-            "in_flight": in_flight,
-            "retrying": retrying,
-            "held": held,
-            "dead": dead,
-            "delivered_24h": delivered,
+            *counted, delivered = await pipe.execute()
+        return {state.value: n for state, n in zip(COUNTED_STATES, counted, strict=True)} | {
+            "delivered_24h": delivered
         }
 
     async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
