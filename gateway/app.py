@@ -21,7 +21,7 @@ from gateway.admin import Admin
 from gateway.alerts import Alerts
 from gateway.errors import HTTPError
 from gateway.health import Health
-from gateway.ingress import Ingress, error_body
+from gateway.ingress import Ingress
 from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
 from gateway.settings import Settings
@@ -36,7 +36,7 @@ def json_error(status: int, code: str, detail: str) -> Response:
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
-    return Response(error_body(exc), exc.status_code, media_type="application/json")
+    return json_error(exc.status_code, exc.code, exc.detail)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.errors import ServiceUnavailable
 from gateway.store import Store
 
 OK = b'{"status":"ok"}'
@@ -24,24 +25,11 @@ class Health:
         return Response(OK, media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
-        workers = 0
         try:
             async with asyncio.timeout(self._timeout_s):
-                reachable = await self._store.ping()
-                if reachable:
-                    workers = await self._store.live_workers()
+                workers = await self._store.live_workers()  # answers only when Redis does
         except (TimeoutError, RedisError, OSError):
-            reachable = False
-        if not reachable:
-            return Response(
-                b'{"error":"unavailable","detail":"Redis is not reachable"}',
-                503,
-                media_type="application/json",
-            )
+            raise ServiceUnavailable("Redis is not reachable") from None
         if workers == 0:
-            return Response(
-                b'{"error":"unavailable","detail":"no worker has sent a heartbeat in the last 10 s"}',
-                503,
-                media_type="application/json",
-            )
+            raise ServiceUnavailable("no worker has sent a heartbeat in the last 10 s")
         return Response(orjson.dumps({"status": "ok", "workers": workers}), media_type="application/json")

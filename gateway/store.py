@@ -374,12 +374,6 @@ class Store:
     async def live_workers(self) -> int:
         return int(await self.redis.zcount(self.keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf"))
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
-
 
 T = TypeVar("T")
 R = TypeVar("R")
