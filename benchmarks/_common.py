@@ -12,6 +12,7 @@ and removes its temporary directory, whatever way the `with` block is left.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -76,6 +77,16 @@ def webhook_body(size: int = 500) -> bytes:
     body = json.dumps(event, separators=(",", ":")).encode()
     assert len(body) == size
     return body
+
+
+def gateway_arguments(p: argparse.ArgumentParser, *, grace: bool = False) -> None:
+    """The options of every benchmark that runs the gateway: the webhook's size, the gateway's log
+    level and, for those that wait for deliveries after sending, how long without progress."""
+    p.add_argument("--body-bytes", type=int, default=500)
+    if grace:
+        p.add_argument("--grace", type=float, default=30.0,
+                       help="after the sending, wait this long without progress for deliveries")
+    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
 
 
 def median(values: Sequence[float]) -> float:

@@ -61,6 +61,7 @@ from benchmarks._common import (
     Outcome,
     cpu_seconds,
     free_port,
+    gateway_arguments,
     gateway_config,
     harness,
     logged_warnings,
@@ -286,9 +287,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32,
                    help="[worker] concurrency of the config, and requests in flight of the baseline loop")
     p.add_argument("--workers", default="1,2", help="worker processes of each phase, comma-separated")
-    p.add_argument("--body-bytes", type=int, default=500)
     p.add_argument("--connections", type=int, default=32, help="wrk connections while preloading")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    gateway_arguments(p)
     p.add_argument("--quiet", type=float, default=30.0, help="fail when nothing moves for this many s")
     return p
 

@@ -79,6 +79,7 @@ from benchmarks._common import (
     Outcome,
     cpu_seconds,
     free_port,
+    gateway_arguments,
     gateway_config,
     harness,
     logged_warnings,
@@ -339,9 +340,8 @@ class Measured:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=100_000, help="events to hold, then drain")
-    p.add_argument("--body-bytes", type=int, default=500)
     p.add_argument("--connections", type=int, default=32, help="wrk connections while ingesting")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    gateway_arguments(p)
     p.add_argument("--quiet", type=float, default=30.0,
                    help="fail when the held (or delivered) count does not move for this many s")
     p.add_argument("--profile", metavar="FILE", help="py-spy the worker during the drain into FILE")

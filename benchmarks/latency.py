@@ -60,6 +60,7 @@ from benchmarks._common import (
     Outcome,
     Sent,
     free_port,
+    gateway_arguments,
     gateway_config,
     harness,
     per_event_text,
@@ -161,10 +162,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", default="50,200,1000",
                    help="events/s to send, comma-separated, each optionally RATE:SECONDS")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to send at a rate without its own")
-    p.add_argument("--body-bytes", type=int, default=500)
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="after the sending, wait this long without progress for deliveries")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    gateway_arguments(p, grace=True)
     return p
 
 

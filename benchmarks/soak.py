@@ -47,6 +47,7 @@ from benchmarks._common import (
     Outcome,
     Sent,
     free_port,
+    gateway_arguments,
     gateway_config,
     harness,
     print_table,
@@ -132,10 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="events/s")
     p.add_argument("--warmup", type=float, default=30.0, help="seconds before the start reading")
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
-    p.add_argument("--body-bytes", type=int, default=500)
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="after the sending, wait this long without progress for deliveries")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    gateway_arguments(p, grace=True)
     return p
 
 
