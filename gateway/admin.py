@@ -74,6 +74,10 @@ class Admin:
     async def describe(self, integration: Integration) -> dict[str, Any]:
         health = await self._store.health(integration.name)
         paused = health.get("state") == "paused"
+        cache = None
+        if integration.mode == "proxy":
+            ((copies, size),) = await self._store.copies([integration.name])
+            cache = {"copies": copies, "bytes": size}
         return {
             "name": integration.name,
             "mode": integration.mode,
@@ -91,6 +95,7 @@ class Admin:
             "next_probe_ms": _int(health.get("probe_ms"))
             if paused and integration.probe and health.get("manual") != "1"
             else None,
+            "cache": cache,
         }
 
     async def list_integrations(self, request: Request) -> Response:

@@ -12,10 +12,11 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from gateway.events import StoredRequest, new_event_id
 from gateway.settings import Config
-from gateway.store import NewEvent, Store
+from gateway.store import Finished, NewEvent, Store
 
 log = logging.getLogger("gateway.alerts")
 IDEMPOTENCY_TTL_S = 86400
@@ -95,3 +96,20 @@ class Alerts:
         if events:
             await self._store.accept(events, IDEMPOTENCY_TTL_S)
         await self._store.redis.hincrby(self._store.keys.metric("alerts"), kind.value, 1)  # type: ignore[misc]
+
+    async def crossed(self, integration: str, finished: Finished, last_error: str) -> None:
+        """Alerts for what an attempt's record crossed: 50% or 90% of the threshold, or the pause."""
+        if not finished.signals:
+            return
+        try:
+            held = (await self._store.health(integration))["held"] if "paused" in finished.signals else 0
+            for name in finished.signals:
+                await self.send(
+                    SIGNALS[name],
+                    integration,
+                    consecutive_failures=finished.consecutive_failures,
+                    last_error=last_error,
+                    held=held,
+                )
+        except (RedisError, OSError) as exc:
+            log.error("alerts %s for %s could not be stored: %s", finished.signals, integration, exc)

@@ -24,6 +24,7 @@ from gateway.health import Health
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
+from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.store import IngestBatcher, Store, redis_client
 
@@ -79,9 +80,10 @@ def create_app(settings: Settings) -> GatewayApp:
     store = Store(redis, settings.key_prefix)
     batcher = IngestBatcher(store, config.gateway.idempotency_ttl_s, config.gateway.store_timeout_s)
     refusals = Refusals(store)
-    ingress = Ingress(config, batcher, refusals.add)
-    health = Health(store, config.gateway.store_timeout_s)
     alerts = Alerts(config, settings.public_url, store)
+    proxy = Proxy(config, store, alerts)
+    ingress = Ingress(config, batcher, proxy, refusals.add)
+    health = Health(store, config.gateway.store_timeout_s)
     metrics = Metrics(config, store)
     admin = Admin(settings, store, alerts)
 
@@ -89,10 +91,12 @@ def create_app(settings: Settings) -> GatewayApp:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("API ready with %d integrations", len(config.integrations))
         flusher = asyncio.create_task(refusals.flush_forever())
+        await proxy.start()
         try:
             yield {"store": store}
         finally:
             flusher.cancel()
+            await proxy.close()
             await redis.aclose()
 
     routes = [

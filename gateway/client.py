@@ -50,6 +50,12 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
+
+
 def print_integrations(items: list[dict[str, Any]]) -> None:
     rows = [["NAME", "MODE", "STATE", "FAILURES", "HELD", "LAST ERROR"]]
     for i in items:
@@ -90,7 +96,7 @@ def print_event(data: dict[str, Any]) -> None:
     request = data.get("request")
     if request:
         click.echo(f"  {request['method']} {request['url']}")
-    rows = [["#", "AT", "STATUS", "ERROR", "LATENCY MS", "OUTCOME"]]
+    rows = [["#", "AT", "STATUS", "ERROR", "LATENCY MS", "OUTCOME", "ANSWERED"]]
     for a in data["attempts"]:
         rows.append(
             [
@@ -100,6 +106,7 @@ def print_event(data: dict[str, Any]) -> None:
                 a["error"] or "-",
                 f"{a['latency_ms']:.1f}",
                 a["outcome"],
+                a.get("answered") or "-",
             ]
         )
     table(rows)
@@ -114,15 +121,31 @@ def output(data: Any, as_json: bool, kind: str = "integration") -> None:
         print_event(data)
     elif kind == "status":
         click.echo(f"live workers: {data['workers_live']}   scheduled attempts: {data['queue_depth']}")
-        rows = [["NAME", "STATE", "FAILURES", "PENDING", "RETRYING", "HELD", "DEAD", "DELIVERED 24H"]]
+        rows = [
+            [
+                "NAME",
+                "MODE",
+                "STATE",
+                "FAILURES",
+                "PENDING",
+                "RETRYING",
+                "HELD",
+                "DEAD",
+                "DELIVERED 24H",
+                "COPIES",
+            ]
+        ]
         for i in data["integrations"]:
             c = i["counts"]
+            cache = i.get("cache")
             rows.append(
                 [
                     i["name"],
+                    i["mode"],
                     i["state"],
                     f"{i['consecutive_failures']}/{i['failure_threshold']}",
                     *(str(c[k]) for k in ("pending", "retrying", "held", "dead", "delivered_24h")),
+                    f"{cache['copies']} ({_size(cache['bytes'])})" if cache else "-",
                 ]
             )
         table(rows)

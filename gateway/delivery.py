@@ -22,7 +22,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from gateway.settings import RetryPolicy
+from gateway import signing
+from gateway.settings import Integration, RetryPolicy
 
 SNIPPET_BYTES = 2048
 RETRYABLE_STATUS = frozenset({408, 429})
@@ -40,14 +41,18 @@ class ErrorKind(StrEnum):
     LEASE_EXPIRED = "lease_expired"
     WORKER_STOPPED = "worker_stopped"
     UNKNOWN_INTEGRATION = "unknown_integration"
+    TOO_LARGE = "too_large"
+    PAUSED = "paused"
 
 
 # Attempts that sent nothing (the worker sending them was lost or stopped, or the config no longer
 # has the integration): they say nothing about the endpoint and have no latency.
-NOT_SENT = frozenset({ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION})
+NOT_SENT = frozenset(
+    {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION, ErrorKind.PAUSED}
+)
 
 # Errors a later attempt cannot fix.
-FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL})
+FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.TOO_LARGE})
 
 
 class BlockedTarget(Exception):
@@ -114,6 +119,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def upstream_headers(
+    kept: list[tuple[str, str]], integration: Integration, event_id: str, body: bytes
+) -> list[tuple[str, str]]:
+    """The helpdesk's headers, the configured ones over them, then the Standard Webhooks ones."""
+    configured = {name.lower(): value.get_secret_value() for name, value in integration.headers.items()}
+    headers = [(k, v) for k, v in kept if k.lower() not in configured]
+    headers += [(name, value) for name, value in configured.items()]
+    timestamp = int(time.time())
+    headers += [("webhook-id", event_id), ("webhook-timestamp", str(timestamp))]
+    if integration.signing_secrets:
+        keys = [signing.decode_secret(s.get_secret_value()) for s in integration.signing_secrets]
+        headers.append(("webhook-signature", signing.sign(keys, event_id, timestamp, body)))
+    return headers
 
 
 class AddressPolicy:
@@ -217,7 +237,7 @@ class Sender:
         started = time.perf_counter()
         try:
             # Parsed once, here: aiohttp takes the parsed URL as it is.
-            target = URL(url)
+            target = URL(url, encoded=True)
             self._policy.check_literal(target.host or "")
             # One deadline for the whole exchange (connect, send, headers, body): the lease and
             # the job timeout are set above it, so a slow endpoint never gets a second copy.

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from gateway.alerts import AlertKind, Alerts
 from gateway.delivery import Result, Verdict, backoff_s
-from gateway.events import EventState, now_ms
+from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Integration, Settings
 from gateway.store import Finished, Store
 
@@ -80,9 +80,11 @@ class Drainer:
             self._integrations, zip(replies[::2], replies[1::2], strict=True), strict=True
         ):
             state, manual, probe_ms = health
-            if not held or integration.name in self._running:
-                continue
             paused = state == b"paused"
+            # A paused proxy integration may hold nothing (reads are never held): its probe sends
+            # the last request that failed.
+            if not (held or (paused and integration.mode == "proxy")) or integration.name in self._running:
+                continue
             if paused and (manual == b"1" or not integration.probe or int(probe_ms or 0) > now):
                 continue
             task = asyncio.create_task(self._locked(integration, probe=paused))
@@ -133,11 +135,12 @@ class Drainer:
         return result, verdict, wait_s, at
 
     async def _probe(self, integration: Integration) -> bool:
-        """Sends the oldest held event; True when it was delivered and the integration resumed."""
+        """Sends the oldest held event (in proxy mode, when none is held, the last request that
+        failed); True when it was delivered and the integration resumed."""
         name = integration.name
         taken = await self._store.take_held(name, 1, self._deliverer.lease_ms(integration), probe=True)
         if not taken:
-            return False
+            return integration.mode == "proxy" and await self._probe_request(integration)
         event_id, attempt, received_ms, blob = taken[0]
         try:
             result, verdict, wait_s, at = await self._send(name, event_id, attempt, received_ms, blob)
@@ -147,10 +150,23 @@ class Drainer:
         await self._deliverer.record(
             event_id, attempt, name, result, verdict, wait_s, at, retry_state=EventState.HELD
         )
-        if verdict is Verdict.DELIVERED:
+        return await self._probed(integration, verdict is Verdict.DELIVERED, f"event {event_id}")
+
+    async def _probe_request(self, integration: Integration) -> bool:
+        """Sends the last proxied request that failed again (a new webhook-id: it is no event)."""
+        blob = await self._store.probe_request(integration.name)
+        if blob is None:
+            return False
+        result, _, _ = await self._deliverer.attempt(new_event_id(), 1, integration.name, now_ms(), blob)
+        return await self._probed(integration, result.ok, "the last failed request")
+
+    async def _probed(self, integration: Integration, delivered: bool, what: str) -> bool:
+        """Resumes the integration after a probe that was delivered, or waits a longer cool-down."""
+        name = integration.name
+        if delivered:
             before, held = await self._store.set_state(name, "resume", manual=False)
             if before == "paused":
-                log.info("probe of %s delivered event %s: resuming", name, event_id)
+                log.info("probe of %s delivered %s: resuming", name, what)
                 await self._alerts.send(
                     AlertKind.RESUMED, name, consecutive_failures=0, held=held, reason="a probe was delivered"
                 )

@@ -10,7 +10,10 @@ GatewayError
       ├── NotFound          404, e.g. an unknown integration
       ├── Unauthorized      401, a missing or wrong inbound token
       ├── PayloadTooLarge   413, a body over `max_body_bytes`
-      └── ServiceUnavailable 503, Redis unreachable
+      ├── ServiceUnavailable 503, Redis unreachable
+      │    └── IntegrationPaused 503, proxy mode: paused, and no copy to answer with
+      ├── BadGateway        502, proxy mode: the upstream failed and no copy could answer
+      └── GatewayTimeout    504, proxy mode: the upstream did not answer in time, and no copy
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class HTTPError(GatewayError):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.detail = detail
+        self.headers = headers  # added to the answer (proxy mode: x-gateway-cache, -event-id)
         super().__init__(detail)
 
 
@@ -77,3 +81,17 @@ class PayloadTooLarge(HTTPError):
 class ServiceUnavailable(HTTPError):
     status_code = 503
     code = "unavailable"
+
+
+class IntegrationPaused(ServiceUnavailable):
+    code = "paused"
+
+
+class BadGateway(HTTPError):
+    status_code = 502
+    code = "bad_gateway"
+
+
+class GatewayTimeout(HTTPError):
+    status_code = 504
+    code = "upstream_timeout"

@@ -71,3 +71,4 @@ class AttemptRecord(TypedDict):
     outcome: str
     body: str
     retry_in_s: NotRequired[float]
+    answered: NotRequired[str]  # proxy mode: fresh, hit, stale, error or queued

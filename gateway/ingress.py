@@ -1,9 +1,10 @@
-"""Ingress: the helpdesk's URL. Accept, persist, answer 202 with the event id.
+"""Ingress: the helpdesk's URL. Relay mode: accept, persist, answer 202 with the event id; proxy
+mode: hand the request to `gateway.proxy` and answer what it says.
 
 This is the hottest path of the gateway, so it is a plain ASGI app mounted at /hooks: one pass
 over the raw headers, no Request or Response objects (measured: Starlette's request/response
 machinery cost more per request than everything the gateway itself does). Its errors are answered
-by the same `error_response` as the rest of the API.
+with the same JSON bodies as the rest of the API (`error_body`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.events import StoredRequest, new_event_id
+from gateway.proxy import Proxy
 from gateway.settings import Config, Integration
 from gateway.store import IngestBatcher, NewEvent
 
@@ -66,18 +68,28 @@ def error_body(exc: HTTPError) -> bytes:
 class Ingress:
     """ASGI app for `ANY /hooks/{name}[/{rest}]`."""
 
-    def __init__(self, config: Config, batcher: IngestBatcher, on_refused: Callable[[int], None]) -> None:
+    def __init__(
+        self, config: Config, batcher: IngestBatcher, proxy: Proxy, on_refused: Callable[[int], None]
+    ) -> None:
         self._config = config
         self._batcher = batcher
+        self._proxy = proxy
         self._on_refused = on_refused
         self._max_body = config.gateway.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            event_id, repeat = await self._accept(scope, receive)
+            integration, request, idempotency_key = await self._receive(scope, receive)
+            if integration.mode == "proxy":
+                answer, log_item = await self._proxy.answer(integration, request)
+                await _answer(send, answer.status, answer.body, answer.headers)
+                if log_item is not None:
+                    self._proxy.log_later(log_item)
+                return
+            event_id, repeat = await self._accept(integration, request, idempotency_key)
         except HTTPError as exc:
             self._on_refused(exc.status_code)
-            await _answer(send, exc.status_code, error_body(exc))
+            await _answer(send, exc.status_code, error_body(exc), [*JSON_HEADERS, *exc.headers])
             return
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
@@ -90,7 +102,9 @@ class Ingress:
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _accept(self, scope: Scope, receive: Receive) -> tuple[str, bool]:
+    async def _receive(self, scope: Scope, receive: Receive) -> tuple[Integration, StoredRequest, str]:
+        """The helpdesk's request as it goes upstream, once every check has passed, and its
+        idempotency key ("" when none was sent)."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         name_b, _, rest_b = raw_path[len(PREFIX) :].partition(b"/")
         name = unquote(name_b.decode("latin-1"))
@@ -123,8 +137,14 @@ class Ingress:
         body = await self._read_body(receive)
 
         url = integration.upstream_url(rest_b.decode("latin-1"), query)
-        request = StoredRequest(scope["method"], url, kept, body)
-        event = NewEvent(new_event_id(), name, (idempotency_key or "")[:MAX_IDEMPOTENCY_KEY], request.pack())
+        return integration, StoredRequest(scope["method"], url, kept, body), idempotency_key or ""
+
+    async def _accept(
+        self, integration: Integration, request: StoredRequest, idempotency_key: str
+    ) -> tuple[str, bool]:
+        event = NewEvent(
+            new_event_id(), integration.name, idempotency_key[:MAX_IDEMPOTENCY_KEY], request.pack()
+        )
         try:
             return await self._batcher.submit(event)
         except StoreUnavailable as exc:
@@ -163,7 +183,9 @@ def _check_token(integration: Integration, given: str | None, query: str) -> str
     return urlencode([(k, v) for k, v in params if k != TOKEN_PARAM])
 
 
-async def _answer(send: Send, status: int, body: bytes) -> None:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+async def _answer(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS
+) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

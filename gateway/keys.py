@@ -34,6 +34,17 @@ Layout under a prefix P (default "gw"):
     P:m:latency            hash   integration|bucket -> attempts (latency_sum: integration -> s)
     P:m:alerts             hash   kind -> alerts sent;  P:m:refused: reason -> inbound refused
     P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
+    P:px:{integration}:{hash}  string  proxy mode: the last good answer to one request (JSON head:
+                                  status, headers, stored ms; "\n"; body), expiring after the
+                                  integration's copy lifetime; {hash} is the request key
+    P:pxi:{integration}    zset   request key -> expiry ms of its copy: the copies' index, pruned
+                                  when copies are written and when they are counted
+    P:pxs:{integration}    hash   request key -> bytes of its copy, and "#" -> their total; the
+                                  oldest-expiring copies are evicted past `max_cache_bytes`
+    P:probe:{integration}  string proxy mode: the last request that failed, which the probe sends
+                                  while the integration is paused and holds no event
+    P:m:proxy              hash   integration|cache -> proxy answers (miss, hit, stale)
+    P:m:proxy_latency      hash   integration|bucket -> proxy answers (proxy_latency_sum: s)
     Held events are the index P:st:{integration}:held, in arrival order: its score is the received
     ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
     the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
@@ -112,6 +123,18 @@ class Keys:
     def queue(self) -> str:
         return f"{self.prefix}:queue"
 
+    def proxy_copy(self, integration: str, request_key: str) -> str:
+        return f"{self.prefix}:px:{integration}:{request_key}"
+
+    def proxy_index(self, integration: str) -> str:
+        return f"{self.prefix}:pxi:{integration}"
+
+    def proxy_sizes(self, integration: str) -> str:
+        return f"{self.prefix}:pxs:{integration}"
+
+    def probe_request(self, integration: str) -> str:
+        return f"{self.prefix}:probe:{integration}"
+
 
 # Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
 # Each command costs Redis 3-7 us per event here, so the hot scripts work on batches and use as
@@ -151,6 +174,105 @@ end
 local function last_held(integ)
   local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
   return tonumber(top[2] or 0)
+end
+-- Integration health over a batch of finished attempts: each integration's hash is read once
+-- (health_load), every attempt counted in order (health_count), and the changes written once
+-- (health_write). FINISH_MANY (the relay) and PROXIED (proxy mode) count alike.
+local function health_load(H, integ)
+  local h = H[integ]
+  if h then return h end
+  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms', 'draining')
+  local fails = tonumber(f[2] or 0)
+  h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {}, success = tonumber(f[5] or 0),
+       draining = f[6] ~= false,
+       w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
+  H[integ] = h
+  return h
+end
+-- code: "S" a success, "F" a failure that counts, "-" neither. r: {1, state, fails, paused, signals...}
+-- gets the failure count, the pause flag and the signals (warn50, warn90, paused; once per episode).
+local function health_count(h, now, code, threshold, last_error, cooldown, r)
+  if code == 'S' then
+    h.fails, h.w50, h.w90 = 0, false, false
+    -- once a second is precise enough for an operator, and saves a write per batch
+    if now - h.success >= 1000 then h.set.last_success_ms = now end
+  elseif code == 'F' then
+    h.fails = h.fails + 1
+    r[3] = h.fails
+    h.set.last_error, h.set.last_failure_ms = last_error, now
+    threshold = tonumber(threshold)
+    if h.fails * 2 >= threshold and not h.w50 then h.w50 = true; r[#r + 1] = 'warn50' end
+    if h.fails * 10 >= threshold * 9 and not h.w90 then h.w90 = true; r[#r + 1] = 'warn90' end
+    if h.fails >= threshold and h.state ~= 'paused' then
+      cooldown = tonumber(cooldown)
+      h.state = 'paused'
+      h.set.state, h.set.paused_ms, h.set.manual = 'paused', now, 0
+      h.set.cooldown_s, h.set.probe_ms = cooldown, now + cooldown * 1000
+      r[#r + 1] = 'paused'
+    end
+  end
+  if h.state == 'paused' then r[4] = 1 end
+end
+local function health_write(H)
+  for integ, h in pairs(H) do
+    local fields = {}
+    if h.fails ~= h.fails0 then fields = {'fails', h.fails} end
+    for name, value in pairs(h.set) do
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
+    if h.w50 and not h.had50 then fields[#fields + 1] = 'w50'; fields[#fields + 1] = 1 end
+    if h.w90 and not h.had90 then fields[#fields + 1] = 'w90'; fields[#fields + 1] = 1 end
+    if #fields > 0 then redis.call('HSET', int(integ), unpack(fields)) end
+    local gone = {}
+    if h.had50 and not h.w50 then gone[#gone + 1] = 'w50' end
+    if h.had90 and not h.w90 then gone[#gone + 1] = 'w90' end
+    if #gone > 0 then redis.call('HDEL', int(integ), unpack(gone)) end
+  end
+end
+-- Proxy copies: forgets the expired ones, then (limit >= 0) evicts the soonest to expire until the
+-- integration's copies fit in `limit` bytes.
+local function prune_copies(integ, now, limit)
+  local index, sizes = P .. ':pxi:' .. integ, P .. ':pxs:' .. integ
+  local function forget(keys)
+    if #keys == 0 then return end
+    local got = redis.call('HMGET', sizes, unpack(keys))
+    local freed = 0
+    for _, size in ipairs(got) do freed = freed + tonumber(size or 0) end
+    redis.call('ZREM', index, unpack(keys))
+    redis.call('HDEL', sizes, unpack(keys))
+    redis.call('HINCRBY', sizes, '#', -freed)
+  end
+  forget(redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 1000))
+  if limit < 0 then return end
+  local total = tonumber(redis.call('HGET', sizes, '#') or 0)
+  while total > limit do
+    local oldest = redis.call('ZRANGE', index, 0, 15)
+    if #oldest == 0 then break end
+    local doomed, freed = {}, {}
+    local got = redis.call('HMGET', sizes, unpack(oldest))
+    for j, key in ipairs(oldest) do
+      if total <= limit then break end
+      total = total - tonumber(got[j] or 0)
+      freed[#freed + 1] = key
+      doomed[#doomed + 1] = P .. ':px:' .. integ .. ':' .. key
+    end
+    redis.call('UNLINK', unpack(doomed))
+    forget(freed)
+  end
+end
+-- Metric counters of a batch, added up per field and written with one command per field.
+local function tally(counts, field, n)
+  counts[field] = (counts[field] or 0) + (n or 1)
+end
+local function tally_write(key, counts, float)
+  for field, n in pairs(counts) do
+    if float then
+      redis.call('HINCRBYFLOAT', key, field, string.format('%.6f', n))
+    else
+      redis.call('HINCRBY', key, field, n)
+    end
+  end
 end
 """
 
@@ -299,17 +421,6 @@ local now = tonumber(ARGV[2])
 local items = cjson.decode(ARGV[3])
 local health, out = {}, {}
 local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, {}, {}, {}, {}
-local function load(integ)
-  local h = health[integ]
-  if h then return h end
-  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms', 'draining')
-  local fails = tonumber(f[2] or 0)
-  h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {}, success = tonumber(f[5] or 0),
-       draining = f[6] ~= false,
-       w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
-  health[integ] = h
-  return h
-end
 for k, item in ipairs(items) do
   local id, n, outcome = item[1], item[2], item[3]
   local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
@@ -322,28 +433,9 @@ for k, item in ipairs(items) do
     out[k] = 0
   else
     local integ = f[3]
-    local h = load(integ)
+    local h = health_load(health, integ)
     local r = {1, outcome, 0, 0}
-    if item[6] == 'S' then
-      h.fails, h.w50, h.w90 = 0, false, false
-      -- once a second is precise enough for an operator, and saves a write per batch
-      if now - h.success >= 1000 then h.set.last_success_ms = now end
-    elseif item[6] == 'F' then
-      h.fails = h.fails + 1
-      r[3] = h.fails
-      h.set.last_error, h.set.last_failure_ms = item[8], now
-      local threshold = tonumber(item[7])
-      if h.fails * 2 >= threshold and not h.w50 then h.w50 = true; r[#r + 1] = 'warn50' end
-      if h.fails * 10 >= threshold * 9 and not h.w90 then h.w90 = true; r[#r + 1] = 'warn90' end
-      if h.fails >= threshold and h.state ~= 'paused' then
-        local cooldown = tonumber(item[9])
-        h.state = 'paused'
-        h.set.state, h.set.paused_ms, h.set.manual = 'paused', now, 0
-        h.set.cooldown_s, h.set.probe_ms = cooldown, now + cooldown * 1000
-        r[#r + 1] = 'paused'
-      end
-    end
-    if h.state == 'paused' then r[4] = 1 end
+    health_count(h, now, item[6], item[7], item[8], item[9], r)
     -- Held instead of scheduled: a drained event that failed, any retry while paused, and an
     -- attempt lost with its worker while the integration drains (a drained one goes back to its
     -- exact place; the others would be held when they came due anyway).
@@ -352,12 +444,10 @@ for k, item in ipairs(items) do
       outcome = 'held'
       r[2] = outcome
     end
-    local counted = attempts[integ .. '|' .. outcome]
-    attempts[integ .. '|' .. outcome] = (counted or 0) + 1
+    tally(attempts, integ .. '|' .. outcome)
     if item[11] ~= '' then
-      local bucket = integ .. '|' .. item[11]
-      latency[bucket] = (latency[bucket] or 0) + 1
-      latency_sum[integ] = (latency_sum[integ] or 0) + tonumber(item[12])
+      tally(latency, integ .. '|' .. item[11])
+      tally(latency_sum, integ, tonumber(item[12]))
     end
     redis.call('RPUSH', at(id), ARGV[3 + k])
     leases[#leases + 1] = id
@@ -385,25 +475,109 @@ if #leases > 0 then redis.call('ZREM', P .. ':lease', unpack(leases)) end
 flush('ZREM', removed)
 flush('ZADD', added)
 if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
-for integ, h in pairs(health) do
-  local fields = {}
-  if h.fails ~= h.fails0 then fields = {'fails', h.fails} end
-  for name, value in pairs(h.set) do
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
+health_write(health)
+tally_write(P .. ':m:attempts', attempts)
+tally_write(P .. ':m:latency', latency)
+tally_write(P .. ':m:latency_sum', latency_sum, true)
+return out
+"""
+)
+
+# ARGV: prefix, now, items (JSON list), then per item three blobs: the request blob, the attempt
+# record (JSON), and the upstream's answer to keep as the request's last good copy ("" for none).
+# An item: [id, integration, state (delivered|dead: answered and done; retrying: a queued write),
+#   attempt number of the event (the next one when queued), due ms of a queued write, health code
+#   ("S", "F" or "-"), failure threshold, last error, first probe cool-down s, latency bucket index
+#   of the upstream call ("" when none was made), its latency s, how the answer was served (miss,
+#   hit, stale), answer latency bucket index, answer latency s, request key of the copy, copy
+#   lifetime ms, max bytes of the integration's copies].
+# The log of proxy mode: each proxied request becomes an event that is already answered (or, for a
+# write that failed and is queued, retrying like a relay event, or held while its integration
+# holds), with its one attempt; the upstream call counts towards the integration's health exactly
+# as FINISH_MANY counts; a 2xx answer is kept as the request's copy; the copies over the byte bound
+# are evicted, soonest to expire first; the last failed request is kept for the probe.
+# Returns per item {1, state, consecutive failures, 1 if paused, signals...}.
+PROXIED = (
+    _PRELUDE
+    + """
+local now = tonumber(ARGV[2])
+local items = cjson.decode(ARGV[3])
+local health, out, strings, added, due, last = {}, {}, {}, {}, {}, {}
+local attempts, latency, latency_sum, answers, answer_latency, answer_sum = {}, {}, {}, {}, {}, {}
+local copied = {}
+for k, item in ipairs(items) do
+  local id, integ, state = item[1], item[2], item[3]
+  local blob, record, copy = ARGV[1 + 3 * k], ARGV[2 + 3 * k], ARGV[3 + 3 * k]
+  local h = health_load(health, integ)
+  local r = {1, state, 0, 0}
+  health_count(h, now, item[6], item[7], item[8], item[9], r)
+  local score = now
+  if state == 'retrying' and (h.state == 'paused' or h.draining) then
+    state = 'held'
+    r[2] = state
+    if last[integ] == nil then last[integ] = last_held(integ) end
+    score = math.max(now, last[integ] + 1 / 1024)
+    last[integ] = score
+    score = string.format('%.17g', score)
   end
-  if h.w50 and not h.had50 then fields[#fields + 1] = 'w50'; fields[#fields + 1] = 1 end
-  if h.w90 and not h.had90 then fields[#fields + 1] = 'w90'; fields[#fields + 1] = 1 end
-  if #fields > 0 then redis.call('HSET', int(integ), unpack(fields)) end
-  local gone = {}
-  if h.had50 and not h.w50 then gone[#gone + 1] = 'w50' end
-  if h.had90 and not h.w90 then gone[#gone + 1] = 'w90' end
-  if #gone > 0 then redis.call('HDEL', int(integ), unpack(gone)) end
+  if state == 'retrying' then
+    redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', item[5])
+    due[#due + 1] = item[5]
+    due[#due + 1] = id
+  else
+    redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', now)
+  end
+  strings[#strings + 1] = rq(id)
+  strings[#strings + 1] = blob
+  redis.call('RPUSH', at(id), record)
+  group(added, st(integ, state), score, id)
+  if item[6] == 'F' then redis.call('SET', P .. ':probe:' .. integ, blob) end
+  if item[10] ~= '' then
+    tally(attempts, integ .. '|' .. state)
+    tally(latency, integ .. '|' .. item[10])
+    tally(latency_sum, integ, tonumber(item[11]))
+  end
+  tally(answers, integ .. '|' .. item[12])
+  tally(answer_latency, integ .. '|' .. item[13])
+  tally(answer_sum, integ, tonumber(item[14]))
+  if copy ~= '' then
+    local key, ttl = item[15], tonumber(item[16])
+    local sizes = P .. ':pxs:' .. integ
+    redis.call('SET', P .. ':px:' .. integ .. ':' .. key, copy, 'PX', ttl)
+    redis.call('ZADD', P .. ':pxi:' .. integ, now + ttl, key)
+    local before = tonumber(redis.call('HGET', sizes, key) or 0)
+    redis.call('HSET', sizes, key, #copy)
+    redis.call('HINCRBY', sizes, '#', #copy - before)
+    copied[integ] = tonumber(item[17])
+  end
+  out[k] = r
 end
-for field, n in pairs(attempts) do redis.call('HINCRBY', P .. ':m:attempts', field, n) end
-for field, n in pairs(latency) do redis.call('HINCRBY', P .. ':m:latency', field, n) end
-for integ, seconds in pairs(latency_sum) do
-  redis.call('HINCRBYFLOAT', P .. ':m:latency_sum', integ, string.format('%.6f', seconds))
+if #strings > 0 then redis.call('MSET', unpack(strings)) end
+flush('ZADD', added)
+if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+health_write(health)
+tally_write(P .. ':m:attempts', attempts)
+tally_write(P .. ':m:latency', latency)
+tally_write(P .. ':m:latency_sum', latency_sum, true)
+tally_write(P .. ':m:proxy', answers)
+tally_write(P .. ':m:proxy_latency', answer_latency)
+tally_write(P .. ':m:proxy_latency_sum', answer_sum, true)
+for integ, limit in pairs(copied) do prune_copies(integ, now, limit) end
+return out
+"""
+)
+
+# ARGV: prefix, now, then integration names. Prunes each integration's index of expired copies and
+# returns per integration {copies, bytes}.
+COPIES = (
+    _PRELUDE
+    + """
+local now, out = tonumber(ARGV[2]), {}
+for k = 3, #ARGV do
+  local integ = ARGV[k]
+  prune_copies(integ, now, -1)
+  local sizes = P .. ':pxs:' .. integ
+  out[#out + 1] = {redis.call('ZCARD', P .. ':pxi:' .. integ), tonumber(redis.call('HGET', sizes, '#') or 0)}
 end
 return out
 """

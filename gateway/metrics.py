@@ -34,6 +34,32 @@ def _pairs(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+# The counter hashes a scrape reads (see the layout in `gateway.keys`), in this order.
+METRIC_HASHES = (
+    "accepted",
+    "attempts",
+    "latency",
+    "latency_sum",
+    "alerts",
+    "refused",
+    "proxy",
+    "proxy_latency",
+    "proxy_latency_sum",
+)
+PROXY_CACHE = ("miss", "hit", "stale")
+
+
+def _buckets(counts: dict[str, str], name: str) -> list[tuple[str, float]]:
+    """A histogram's cumulative buckets from per-bucket counts kept as `integration|index`."""
+    cumulative, buckets = 0.0, []
+    for index, bound in enumerate(LATENCY_BUCKETS):
+        cumulative += float(counts.get(f"{name}|{index}", 0))
+        buckets.append((str(bound), cumulative))
+    cumulative += float(counts.get(f"{name}|{len(LATENCY_BUCKETS)}", 0))
+    buckets.append(("+Inf", cumulative))
+    return buckets
+
+
 class _Snapshot(Collector):
     def __init__(self, families: list[Metric]) -> None:
         self._families = families
@@ -82,7 +108,7 @@ class Metrics:
         keys = self._store.keys
         integrations = self._config.integrations
         async with self._store.redis.pipeline(transaction=False) as pipe:
-            for name in ("accepted", "attempts", "latency", "latency_sum", "alerts", "refused"):
+            for name in METRIC_HASHES:
                 pipe.hgetall(keys.metric(name))
             pipe.zcount(keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf")
             for integration in integrations:
@@ -91,10 +117,13 @@ class Metrics:
                 pipe.zrange(keys.state_index(integration.name, EventState.PENDING), 0, 0, withscores=True)
                 pipe.hmget(keys.integration(integration.name), ["state", "fails"])
             replies: list[Any] = await pipe.execute()
-        accepted, attempts, latency, latency_sum, alerts, refused = (_pairs(r) for r in replies[:6])
+        hashes = len(METRIC_HASHES)
+        accepted, attempts, latency, latency_sum, alerts, refused, proxy, proxy_latency, proxy_sum = (
+            _pairs(r) for r in replies[:hashes]
+        )
         workers_f = GaugeMetricFamily("gateway_workers_live", "Workers with a heartbeat in the last 10 s.")
-        workers_f.add_metric([], float(replies[6]))
-        per_integration = replies[7:]
+        workers_f.add_metric([], float(replies[hashes]))
+        per_integration = replies[hashes + 1 :]
         step = len(COUNTED_STATES) + 2
         now = now_ms()
 
@@ -108,6 +137,17 @@ class Metrics:
         )
         latency_f = HistogramMetricFamily(
             "gateway_attempt_duration_seconds", "Duration of delivery attempts.", labels=["integration"]
+        )
+        answers_f = CounterMetricFamily(
+            "gateway_proxy_answers",
+            "Proxy mode: answers to the helpdesk by how they were served (miss: the upstream's own; "
+            "hit: the copy, within fresh_ttl_s; stale: the last good answer, the upstream failing).",
+            labels=["integration", "cache"],
+        )
+        proxy_latency_f = HistogramMetricFamily(
+            "gateway_proxy_duration_seconds",
+            "Proxy mode: time from the helpdesk's request to the gateway's answer.",
+            labels=["integration"],
         )
         events_f = GaugeMetricFamily(
             "gateway_events", "Events by state now.", labels=["integration", "state"]
@@ -132,13 +172,13 @@ class Metrics:
             accepted_f.add_metric([name, integration.mode], float(accepted.get(name, 0)))
             for outcome in ("delivered", "retrying", "held", "dead"):
                 attempts_f.add_metric([name, outcome], float(attempts.get(f"{name}|{outcome}", 0)))
-            cumulative, buckets = 0.0, []
-            for index, bound in enumerate(LATENCY_BUCKETS):
-                cumulative += float(latency.get(f"{name}|{index}", 0))
-                buckets.append((str(bound), cumulative))
-            cumulative += float(latency.get(f"{name}|{len(LATENCY_BUCKETS)}", 0))
-            buckets.append(("+Inf", cumulative))
-            latency_f.add_metric([name], buckets, float(latency_sum.get(name, 0)))
+            latency_f.add_metric([name], _buckets(latency, name), float(latency_sum.get(name, 0)))
+            if integration.mode == "proxy":
+                for cache in PROXY_CACHE:
+                    answers_f.add_metric([name, cache], float(proxy.get(f"{name}|{cache}", 0)))
+                proxy_latency_f.add_metric(
+                    [name], _buckets(proxy_latency, name), float(proxy_sum.get(name, 0))
+                )
             for state, count in zip(COUNTED_STATES, chunk[: len(COUNTED_STATES)], strict=True):
                 events_f.add_metric([name, state.value], float(count))
             oldest = chunk[len(COUNTED_STATES)]
@@ -154,6 +194,8 @@ class Metrics:
             accepted_f,
             attempts_f,
             latency_f,
+            answers_f,
+            proxy_latency_f,
             events_f,
             oldest_f,
             paused_f,

@@ -81,6 +81,12 @@ SCHEMAS: dict[str, Schema] = {
             "paused_ms": _nullable(MS),
             "next_probe_ms": _nullable(MS),
             "counts": _ref("Counts"),
+            "cache": _nullable(
+                {
+                    **_object({"copies": COUNT, "bytes": COUNT}),
+                    "description": "proxy mode: the last good answers kept (null in relay mode)",
+                }
+            ),
         }
     ),
     "IntegrationList": _object({"items": {"type": "array", "items": _ref("Integration")}}),
@@ -120,8 +126,13 @@ SCHEMAS: dict[str, Schema] = {
             "outcome": STRING,
             "body": STRING,
             "retry_in_s": {"type": "number"},
+            "answered": {
+                "type": "string",
+                "enum": ["fresh", "hit", "stale", "error", "queued"],
+                "description": "proxy mode: how the helpdesk was answered",
+            },
         },
-        optional=("retry_in_s",),
+        optional=("retry_in_s", "answered"),
     ),
     "StoredRequest": _object(
         {

@@ -52,11 +52,39 @@ class RetryPolicy(_Model):
         return self
 
 
+HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+DEFAULT_TIMEOUT_S = {"relay": 10.0, "proxy": 5.0}
+
+
+class ProxyPolicy(_Model):
+    """How a proxy integration answers: the last good answer, fresh hits, queued writes, limits."""
+
+    stale_ttl_s: Annotated[int, Field(ge=0, le=30 * 86400)] = 86400
+    fresh_ttl_s: Annotated[int, Field(ge=0, le=30 * 86400)] = 0
+    vary_headers: list[str] = []
+    queue_on_failure: bool = True
+    max_response_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_cache_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024 * 1024)] = 64 * 1024 * 1024
+
+    @field_validator("vary_headers")
+    @classmethod
+    def _vary_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(HEADER_NAME, name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return sorted({name.lower() for name in names})
+
+    @property
+    def keep_ms(self) -> int:
+        """How long a copy is kept: long enough for both of its uses."""
+        return max(self.stale_ttl_s, self.fresh_ttl_s) * 1000
+
+
 class Integration(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     target: AnyHttpUrl
     mode: Literal["relay", "proxy"] = "relay"
-    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0  # 5 in proxy mode
     failure_threshold: Annotated[int, Field(ge=1)] = 100
     probe: bool = True  # while paused, send one held event after each cool-down; success resumes
     probe_cooldown_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
@@ -66,13 +94,21 @@ class Integration(_Model):
     signing_secrets: list[SecretStr] = []
     headers: dict[str, SecretStr] = {}
     retry: RetryPolicy = RetryPolicy()
+    proxy: ProxyPolicy = ProxyPolicy()
 
-    @field_validator("mode")
+    @model_validator(mode="before")
     @classmethod
-    def _relay_only(cls, mode: str) -> str:
-        if mode == "proxy":
-            raise ValueError('proxy mode is not available in this version; use mode = "relay"')
-        return mode
+    def _mode_defaults(cls, data: Any) -> Any:
+        """The deadline's default depends on the mode: a proxy answer must come well within the
+        helpdesk's own timeout. `[integrations.proxy]` only means something in proxy mode."""
+        if not isinstance(data, dict):
+            return data
+        mode = data.get("mode", "relay")
+        if "proxy" in data and mode != "proxy":
+            raise ValueError('[integrations.proxy] is set but mode is not "proxy"')
+        if "timeout_s" not in data and mode in DEFAULT_TIMEOUT_S:
+            data = {**data, "timeout_s": DEFAULT_TIMEOUT_S[mode]}
+        return data
 
     @model_validator(mode="after")
     def _cooldowns(self) -> Integration:
@@ -98,7 +134,7 @@ class Integration(_Model):
     @classmethod
     def _header_names(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name in headers:
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            if not re.fullmatch(HEADER_NAME, name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
         return headers
 
@@ -189,6 +225,7 @@ class Config(_Model):
                 signing_secrets=[],
                 headers={},
                 retry=RetryPolicy(max_attempts=10, backoff_base_s=1, backoff_max_s=300, max_age_s=86400),
+                proxy=ProxyPolicy(),
             )
             for n, alert in enumerate(self.alerts)
         ]

@@ -12,16 +12,17 @@ import asyncio
 import bisect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import keys
-from gateway.delivery import NOT_SENT
+from gateway.delivery import NOT_SENT, Result
 from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
+from gateway.settings import Integration
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a worker silent for longer is not counted as live
@@ -70,6 +71,17 @@ class Health:
 
 
 NOT_COUNTED = Health("-")
+
+
+def health_of(integration: Integration | None, result: Result) -> Health:
+    """What an attempt's result says about its integration: a success, a failure that counts
+    towards the pause, or nothing (an alert sink, or an attempt that sent nothing)."""
+    if integration is None or integration.internal or result.error in NOT_SENT:
+        return NOT_COUNTED
+    if result.ok:
+        return Health("S")
+    error = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
+    return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +139,49 @@ class Finish:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class Proxied:
+    """A request answered in proxy mode, as the log keeps it: one item of PROXIED."""
+
+    event_id: str
+    integration: str
+    state: EventState  # delivered or dead (answered), retrying (a write queued for the workers)
+    attempt: int  # the event's attempt number: the next one for a queued write
+    request_blob: bytes
+    record: AttemptRecord
+    health: Health
+    cache: str  # miss, hit or stale: how the answer was served
+    answer_s: float  # from the request to its answer
+    called: bool = True  # this request made the upstream call (not a hit, nor one that shared a call)
+    due_ms: int = 0  # when a queued write is due
+    copy: bytes = b""  # the upstream's 2xx answer, kept as the request's last good one
+    request_key: str = ""
+    copy_ms: int = 0  # how long the copy is kept
+    max_cache_bytes: int = 0
+
+    def item(self) -> list[str | int | float]:
+        bucket, seconds = latency_fields(self.record) if self.called else ("", "")
+        return [
+            self.event_id,
+            self.integration,
+            self.state.value,
+            str(self.attempt),
+            str(self.due_ms),
+            self.health.code,
+            self.health.threshold,
+            self.health.last_error[:200],
+            self.health.cooldown_s,
+            bucket,
+            seconds,
+            self.cache,
+            str(bisect.bisect_left(LATENCY_BUCKETS, self.answer_s)),
+            f"{self.answer_s:.6f}",
+            self.request_key,
+            self.copy_ms,
+            self.max_cache_bytes,
+        ]
+
+
 # The states whose events are counted whole (delivered ones pile up until retention: they are
 # counted over a window, or by the attempt counters).
 COUNTED_STATES = (
@@ -167,6 +222,8 @@ class Store:
         self._replay = redis.register_script(keys.REPLAY)
         self._trim = redis.register_script(keys.TRIM)
         self._unlock = redis.register_script(keys.UNLOCK)
+        self._proxied = redis.register_script(keys.PROXIED)
+        self._copies = redis.register_script(keys.COPIES)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events, due now; returns (id, is_repeat) for each."""
@@ -208,6 +265,41 @@ class Store:
             *(orjson.dumps(i.record) for i in items),
         ]
         return [Finished.parse(got) for got in await self._finish_many(args=args)]
+
+    async def proxied(self, items: Sequence[Proxied]) -> list[Finished]:
+        """Logs answered proxy requests and queues failed writes, in one atomic script."""
+        if not items:
+            return []
+        args: list[str | int | bytes] = [self.keys.prefix, now_ms(), orjson.dumps([i.item() for i in items])]
+        for i in items:
+            args += (i.request_blob, orjson.dumps(i.record), i.copy)
+        return [cast(Finished, Finished.parse(got)) for got in await self._proxied(args=args)]
+
+    async def proxy_view(self, integration: str, request_key: str | None) -> tuple[bool, bytes | None]:
+        """(whether the integration is paused, the request's copy when a key is given), in one
+        round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.integration(integration), "state")
+            if request_key is not None:
+                pipe.get(self.keys.proxy_copy(integration, request_key))
+            got = await pipe.execute()
+        return got[0] == b"paused", got[1] if request_key is not None else None
+
+    async def proxy_copy(self, integration: str, request_key: str) -> bytes | None:
+        copy: bytes | None = await self.redis.get(self.keys.proxy_copy(integration, request_key))
+        return copy
+
+    async def copies(self, integrations: Sequence[str]) -> list[tuple[int, int]]:
+        """(copies, bytes) kept for each proxy integration."""
+        if not integrations:
+            return []
+        got = await self._copies(args=[self.keys.prefix, now_ms(), *integrations])
+        return [(int(n), int(b)) for n, b in got]
+
+    async def probe_request(self, integration: str) -> bytes | None:
+        """The last proxied request that failed: what a probe sends when no event is held."""
+        blob: bytes | None = await self.redis.get(self.keys.probe_request(integration))
+        return blob
 
     async def take_held(
         self, integration: str, count: int, lease_ms: int, *, probe: bool

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,14 +32,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway import signing
-from gateway.alerts import SIGNALS, Alerts
-from gateway.delivery import NOT_SENT, AddressPolicy, ErrorKind, Result, Sender, Verdict, decide
+from gateway.alerts import Alerts
+from gateway.delivery import (
+    AddressPolicy,
+    ErrorKind,
+    Result,
+    Sender,
+    Verdict,
+    decide,
+    upstream_headers,
+)
 from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
 from gateway.settings import Config, Integration, RetryPolicy, Settings
-from gateway.store import HEARTBEAT_S, NOT_COUNTED, Batcher, Claimed, Finish, Finished, Health, Store
+from gateway.store import HEARTBEAT_S, Batcher, Claimed, Finish, Finished, Store, health_of
 
 log = logging.getLogger("gateway.worker")
 
@@ -57,21 +63,6 @@ FINISH_TIMEOUT_S = 10.0  # a recording that takes longer fails; the lease then b
 # measured at 200 events/s: 17.4 -> 16.1 Redis commands per delivered event.
 FINISH_LINGER_S = 0.005
 TRIM_SECONDS = set(range(0, 60, 10))  # retention runs at these seconds of every minute
-
-
-def upstream_headers(
-    kept: list[tuple[str, str]], integration: Integration, event_id: str, body: bytes
-) -> list[tuple[str, str]]:
-    """The helpdesk's headers, the configured ones over them, then the Standard Webhooks ones."""
-    configured = {name.lower(): value.get_secret_value() for name, value in integration.headers.items()}
-    headers = [(k, v) for k, v in kept if k.lower() not in configured]
-    headers += [(name, value) for name, value in configured.items()]
-    timestamp = int(time.time())
-    headers += [("webhook-id", event_id), ("webhook-timestamp", str(timestamp))]
-    if integration.signing_secrets:
-        keys = [signing.decode_secret(s.get_secret_value()) for s in integration.signing_secrets]
-        headers.append(("webhook-signature", signing.sign(keys, event_id, timestamp, body)))
-    return headers
 
 
 def log_attempt(
@@ -160,15 +151,6 @@ class Deliverer:
         verdict, wait_s = decide(result, policy, attempt, (now_ms() - received_ms) / 1000)
         return result, verdict, wait_s
 
-    def health(self, name: str, result: Result) -> Health:
-        integration = self._config.integration(name)
-        if integration is None or integration.internal or result.error in NOT_SENT:
-            return NOT_COUNTED
-        if result.ok:
-            return Health("S")
-        error = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
-        return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
-
     def finish_item(
         self,
         event_id: str,
@@ -202,7 +184,7 @@ class Deliverer:
             attempt,
             state,
             record,
-            self.health(integration, result),
+            health_of(self._config.integration(integration), result),
             due_ms=now_ms() + int(wait_s * 1000),
             only_if_lease_expired=only_if_lease_expired,
             retry_state=retry_state,
@@ -235,7 +217,7 @@ class Deliverer:
         finished = await self._finisher.submit(item)
         log_attempt(logging.INFO, event_id, attempt, integration, result, finished)
         if finished and finished.signals:
-            await self.signal(integration, finished, item.health)
+            await self._alerts.crossed(integration, finished, item.health.last_error)
         return finished
 
     async def record_many(
@@ -262,23 +244,8 @@ class Deliverer:
         for (event_id, attempt, result, _, _), item, finished in zip(sent, items, results, strict=True):
             log_attempt(logging.DEBUG, event_id, attempt, integration, result, finished)
             if finished and finished.signals:
-                await self.signal(integration, finished, item.health)
+                await self._alerts.crossed(integration, finished, item.health.last_error)
         return results
-
-    async def signal(self, integration: str, finished: Finished, health: Health) -> None:
-        """Alerts for what an attempt's record crossed: 50% or 90% of the threshold, or the pause."""
-        held = (await self._store.health(integration))["held"] if "paused" in finished.signals else 0
-        for signal_name in finished.signals:
-            try:
-                await self._alerts.send(
-                    SIGNALS[signal_name],
-                    integration,
-                    consecutive_failures=finished.consecutive_failures,
-                    last_error=health.last_error,
-                    held=held,
-                )
-            except (RedisError, OSError) as exc:
-                log.error("alert %s for %s could not be stored: %s", signal_name, integration, exc)
 
 
 class Pump:

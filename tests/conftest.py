@@ -136,12 +136,15 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
 def integration_toml(name: str, target: str, **fields: Any) -> str:
     retry = fields.pop("retry", {})
     headers = fields.pop("headers", {})
+    proxy = fields.pop("proxy", {})
     lines = ["[[integrations]]", f'name = "{name}"', f'target = "{target}"']
     lines += [f"{k} = {_toml(v)}" for k, v in fields.items()]
     if headers:
         lines += ["[integrations.headers]"] + [f'"{k}" = {_toml(v)}' for k, v in headers.items()]
     if retry:
         lines += ["[integrations.retry]"] + [f"{k} = {_toml(v)}" for k, v in retry.items()]
+    if proxy:
+        lines += ["[integrations.proxy]"] + [f"{k} = {_toml(v)}" for k, v in proxy.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,23 @@ def run_gateway(
         (GOOD.replace('"crm"', '"crm crm"'), "integrations[0].name", "should match pattern"),
         (GOOD.replace("https://crm.example.com/api", "ftp://x"), "integrations[0].target", "URL scheme"),
         (GOOD + "timeout_s = -1\n", "integrations[0].timeout_s", "greater than 0"),
-        (GOOD + 'mode = "proxy"\n', "integrations[0].mode", "proxy mode is not available"),
+        (GOOD + 'mode = "tunnel"\n', "integrations[0].mode", "Input should be 'relay' or 'proxy'"),
+        (GOOD + "[integrations.proxy]\nfresh_ttl_s = 5\n", "integrations[0]", 'mode is not "proxy"'),
+        (
+            GOOD + 'mode = "proxy"\n[integrations.proxy]\nvary_headers = ["x account"]\n',
+            "integrations[0].proxy.vary_headers",
+            "not a valid HTTP header name",
+        ),
+        (
+            GOOD + 'mode = "proxy"\n[integrations.proxy]\nmax_response_bytes = 0\n',
+            "integrations[0].proxy.max_response_bytes",
+            "greater than or equal to 1",
+        ),
+        (
+            GOOD + 'mode = "proxy"\n[integrations.proxy]\nstale_ttl_s = -1\n',
+            "integrations[0].proxy.stale_ttl_s",
+            "greater than or equal to 0",
+        ),
         (GOOD + 'colour = "red"\n', "integrations[0].colour", "Extra inputs are not permitted"),
         (GOOD + 'signing_secrets = ["abc"]\n', "integrations[0].signing_secrets", "whsec_"),
         (GOOD + GOOD, "", "is used twice"),
@@ -63,6 +79,32 @@ def test_invalid_config_names_file_field_and_reason(
     assert caught.value.source == str(path)
     assert caught.value.field == field
     assert reason in caught.value.reason
+
+
+def test_proxy_mode_defaults(tmp_path: Path) -> None:
+    """A proxy answer must come within the helpdesk's own timeout: proxy mode's deadline is 5 s
+    unless set; relay keeps 10 s; an explicit value wins in either mode."""
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        GOOD
+        + 'mode = "proxy"\n[integrations.proxy]\nvary_headers = ["X-Account", "x-account", "Accept"]\n'
+        + GOOD.replace('"crm"', '"actions"')
+        + GOOD.replace('"crm"', '"slow"')
+        + 'mode = "proxy"\ntimeout_s = 8\n'
+    )
+    config = load_config(path, env={})
+    crm, actions, slow = (config.integration(n) for n in ("crm", "actions", "slow"))
+    assert crm is not None and actions is not None and slow is not None
+    assert (crm.mode, crm.timeout_s, actions.mode, actions.timeout_s, slow.timeout_s) == (
+        "proxy",
+        5.0,
+        "relay",
+        10.0,
+        8.0,
+    )
+    assert crm.proxy.vary_headers == ["accept", "x-account"]
+    assert (crm.proxy.stale_ttl_s, crm.proxy.fresh_ttl_s, crm.proxy.queue_on_failure) == (86400, 0, True)
+    assert crm.proxy.max_response_bytes == 1048576
 
 
 def test_env_expansion(tmp_path: Path) -> None:

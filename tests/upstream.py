@@ -36,6 +36,7 @@ class Reply:
     body: bytes = b'{"ok":true}'
     delay_s: float = 0.0
     hold: threading.Event | None = None  # answer only once this is set
+    endless: bool = False  # send the headers, then body bytes that never end
 
 
 class Upstream:
@@ -65,7 +66,7 @@ class Upstream:
         with self._lock:
             self._replies = out
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         record = Received(
             request.method,
             request.path_qs,
@@ -84,6 +85,13 @@ class Upstream:
             await asyncio.get_running_loop().run_in_executor(None, hold.wait, 60)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if reply.endless:
+            stream = web.StreamResponse(status=reply.status, headers=reply.headers)
+            await stream.prepare(request)
+            for _ in range(600):  # a minute at most, in case the client never hangs up
+                await stream.write(b"x" * 1024)
+                await asyncio.sleep(0.1)
+            return stream
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
     def start(self) -> Upstream:
@@ -104,6 +112,8 @@ class Upstream:
         await site.start()
 
     def stop(self) -> None:
+        if self._loop.is_closed():  # stopped already (a test took the endpoint down)
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,0 +1,458 @@
+"""Proxy mode: the helpdesk gets the upstream's own answer, or the last good one, and no write is lost.
+
+A helpdesk stores the JSON answer of an HTTP integration on the customer and builds its sidebar
+from it, so a relay's `202 {"id"}` is no use there. In proxy mode the API forwards the request at
+once, within the integration's `timeout_s`, and answers with the upstream's status, headers and
+body (`x-gateway-cache: miss`). Each 2xx answer is kept in Redis under its request key; when the
+upstream fails (timeout, refused, reset, 5xx, 429), that copy answers instead (`stale`, with
+`Age`), so the helpdesk never counts a failure; within `fresh_ttl_s` the copy answers without any
+call (`hit`). A write that fails is stored, before the answer, as a relay event that the workers
+deliver with retries under the same `webhook-id`.
+
+What it costs the answer: one pipelined read (is the integration paused; the copy, when fresh hits
+are on) before the call. The log (an event per request, its attempt, the copy, health and metric
+counts) is written after the answer, in batches (`PROXIED`), except a queued write, which is
+stored before its answer. Identical concurrent reads in one process share one upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from redis.exceptions import RedisError
+from yarl import URL
+
+from gateway.alerts import Alerts
+from gateway.delivery import (
+    SNIPPET_BYTES,
+    AddressPolicy,
+    BlockedTarget,
+    ErrorKind,
+    GuardedResolver,
+    Result,
+    Verdict,
+    decide,
+    map_client_error,
+    parse_retry_after,
+    upstream_headers,
+)
+from gateway.errors import (
+    BadGateway,
+    GatewayTimeout,
+    HTTPError,
+    IntegrationPaused,
+    ServiceUnavailable,
+    StoreUnavailable,
+)
+from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
+from gateway.settings import Config, Integration
+from gateway.store import NOT_COUNTED, Batcher, Finished, Proxied, Store, health_of
+
+log = logging.getLogger("gateway.proxy")
+
+READS = frozenset({"GET", "HEAD"})
+# Not passed back to the helpdesk: hop-by-hop headers (RFC 9110 7.6.1), the length (set again for
+# the body as sent), the gateway's own, and the two that uvicorn writes on every answer.
+DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"x-gateway-cache",
+        b"x-gateway-event-id",
+        b"x-gateway-queued",
+        b"date",
+        b"server",
+    }
+)
+LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
+LOG_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Called:
+    """The upstream's answer to one call (status, headers and body are empty when it failed)."""
+
+    result: Result
+    headers: Headers
+    body: bytes
+    event_id: str  # the request that made the call (its webhook-id)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A kept 2xx answer: the request's last good one."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stored_ms: int
+
+    def pack(self) -> bytes:
+        head = {"s": self.status, "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]}
+        return orjson.dumps(head | {"t": self.stored_ms}) + b"\n" + self.body
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> Copy:
+        head, _, body = blob.partition(b"\n")
+        meta = orjson.loads(head)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["h"]]
+        return cls(meta["s"], headers, body, meta["t"])
+
+    def age_s(self, now: int) -> int:
+        return max(0, (now - self.stored_ms) // 1000)
+
+
+class TooLarge(Exception):
+    """The upstream's answer is larger than the integration's `max_response_bytes`."""
+
+
+def request_key(request: StoredRequest, vary: list[str]) -> str:
+    """What identifies a request for its copy and for sharing a call: method, URL with its query,
+    the `vary_headers`, and the body of a write."""
+    digest = hashlib.sha256(request.method.encode() + b"\0" + request.url.encode("latin-1") + b"\0")
+    if vary:
+        values = dict((k.lower(), v) for k, v in request.headers if k.lower() in vary)
+        for name in vary:
+            digest.update(name.encode() + b"=" + values.get(name, "").encode("latin-1") + b"\0")
+    if request.method not in READS:
+        digest.update(hashlib.sha256(request.body).digest())
+    return digest.hexdigest()[:32]
+
+
+def falls_back(result: Result) -> bool:
+    """A failure that the last good answer (or, for a write, a later delivery) stands in for."""
+    if result.status is not None:
+        return result.status == 429 or result.status >= 500
+    return result.error is not None and result.retryable
+
+
+class Proxy:
+    """Answers the requests of proxy integrations; one per API process."""
+
+    def __init__(self, config: Config, store: Store, alerts: Alerts) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._policy = AddressPolicy(config.gateway.allowed_networks)
+        self._store_timeout_s = config.gateway.store_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._calls: dict[str, asyncio.Future[Called]] = {}  # request key -> the call in flight
+        self._logger: Batcher[Proxied, Finished] = Batcher(
+            store.proxied, LOG_TIMEOUT_S, lambda exc: exc, linger_s=LOG_LINGER_S
+        )
+        self._queuer: Batcher[Proxied, Finished] = Batcher(store.proxied, self._store_timeout_s, _unstored)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=MAX_CONNECTIONS, limit_per_host=0, resolver=GuardedResolver(self._policy), ttl_dns_cache=10
+        )
+        # The body goes back as the upstream encoded it (with its content-encoding), so nothing is
+        # decoded, and no encoding is asked for that the helpdesk did not ask for.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("Content-Type", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._logger.flush()
+        if self._session is not None:
+            await self._session.close()
+
+    async def answer(self, integration: Integration, request: StoredRequest) -> tuple[Answer, Proxied | None]:
+        """The answer to the helpdesk, and the log item to write after it (None: already written)."""
+        started_ms = now_ms()
+        policy = integration.proxy
+        r = _Request(integration, request, new_event_id(started_ms), time.perf_counter(), started_ms)
+        r.key = request_key(request, policy.vary_headers)
+        paused, blob = await self._view(integration.name, r.key if policy.fresh_ttl_s else None)
+        copy = Copy.unpack(blob) if blob else None
+        if copy is not None and started_ms - copy.stored_ms < policy.fresh_ttl_s * 1000:
+            return self._hit(r, copy)
+        if paused:
+            result = Result(None, ErrorKind.PAUSED, "the integration is paused: nothing was sent", 0.0)
+            return await self._failed(r, Called(result, [], b"", r.event_id), copy)
+        called = await self._call(r)
+        result = called.result
+        if falls_back(result):
+            return await self._failed(r, called, copy)
+        if result.status is None:  # an error no copy stands in for (blocked, too large)
+            return self._error(r, called, BadGateway)
+        kept = b""
+        if result.ok and policy.keep_ms and request.method != "HEAD" and called.event_id == r.event_id:
+            kept = Copy(result.status, called.headers, called.body, started_ms).pack()
+        headers = [*called.headers, *_marks("miss", r.event_id)]
+        return Answer(result.status, headers, called.body), self._item(r, called, "fresh", "miss", copy=kept)
+
+    def log_later(self, item: Proxied) -> None:
+        """Writes a log item in the background, with others; the answer never waits for it."""
+        task = asyncio.get_running_loop().create_task(self._log(item))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _log(self, item: Proxied) -> None:
+        try:
+            finished = await self._logger.submit(item)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning(
+                "proxy log of event %s was not written: %s: %s", item.event_id, type(exc).__name__, exc
+            )
+            return
+        await self._alerts.crossed(item.integration, finished, item.health.last_error)
+
+    async def _view(self, name: str, key: str | None) -> tuple[bool, bytes | None]:
+        """Whether the integration is paused, and the copy when asked for. Without Redis the
+        upstream is still called: its answer needs no Redis."""
+        try:
+            async with asyncio.timeout(self._store_timeout_s):
+                return await self._store.proxy_view(name, key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("proxy %s: Redis unavailable (%s); calling the upstream", name, type(exc).__name__)
+            return False, None
+
+    async def _copy(self, name: str, key: str) -> Copy | None:
+        try:
+            async with asyncio.timeout(self._store_timeout_s):
+                blob = await self._store.proxy_copy(name, key)
+        except (RedisError, OSError, TimeoutError):
+            return None
+        return Copy.unpack(blob) if blob else None
+
+    async def _call(self, r: _Request) -> Called:
+        """The upstream's answer; a read shares the call of an identical one already in flight
+        (the answer then names the event that made the call)."""
+        if r.request.method not in READS:
+            return await self._send(r)
+        shared = self._calls.get(r.key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        future: asyncio.Future[Called] = asyncio.get_running_loop().create_future()
+        self._calls[r.key] = future
+        try:
+            called = await self._send(r)
+        except BaseException:
+            stopped = Result(None, ErrorKind.NETWORK, "the call this request shared was cancelled", 0.0)
+            future.set_result(Called(stopped, [], b"", r.event_id))
+            raise
+        finally:
+            del self._calls[r.key]
+        future.set_result(called)
+        return called
+
+    async def _send(self, r: _Request) -> Called:
+        assert self._session is not None, "Proxy.start() was not awaited"
+        integration, request = r.integration, r.request
+        headers = upstream_headers(request.headers, integration, r.event_id, request.body)
+        limit = integration.proxy.max_response_bytes
+        started = time.perf_counter()
+        try:
+            target = URL(request.url, encoded=True)
+            self._policy.check_literal(target.host or "")
+            async with asyncio.timeout(integration.timeout_s):
+                async with self._session.request(
+                    request.method, target, headers=headers, data=request.body or None, allow_redirects=False
+                ) as response:
+                    if response.content_length is not None and response.content_length > limit:
+                        raise TooLarge
+                    body = bytearray()
+                    async for chunk in response.content.iter_any():
+                        body += chunk
+                        if len(body) > limit:
+                            raise TooLarge
+                    status = response.status
+                    kept = [(k, v) for k, v in response.raw_headers if k.lower() not in DROPPED]
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except TooLarge:
+            detail = f"the answer is larger than max_response_bytes ({limit})"
+            return Called(Result(None, ErrorKind.TOO_LARGE, detail, _ms_since(started)), [], b"", r.event_id)
+        except (aiohttp.ClientError, OSError, TimeoutError, BlockedTarget, ValueError) as exc:
+            kind, detail = map_client_error(exc)
+            return Called(Result(None, kind, detail, _ms_since(started)), [], b"", r.event_id)
+        ok = 200 <= status < 300
+        result = Result(
+            status,
+            None if ok else ErrorKind.HTTP,
+            "" if ok else f"HTTP {status}",
+            _ms_since(started),
+            bytes(body[:SNIPPET_BYTES]),
+            retry_after,
+        )
+        return Called(result, kept, bytes(body), r.event_id)
+
+    async def _failed(self, r: _Request, called: Called, copy: Copy | None) -> tuple[Answer, Proxied | None]:
+        """The upstream failed, or was not called (paused): a write is queued; the answer is the
+        last good one, or 202 for a queued write, or an error."""
+        policy = r.integration.proxy
+        if policy.stale_ttl_s and copy is None:
+            copy = await self._copy(r.integration.name, r.key)
+        now = now_ms()
+        if copy is not None and not (0 <= now - copy.stored_ms <= policy.stale_ttl_s * 1000):
+            copy = None
+        queued = False
+        if r.request.method not in READS and policy.queue_on_failure:
+            queued = await self._queue(r, called, copy)
+        if copy is not None:
+            headers = [*copy.headers, *_marks("stale", r.event_id), (b"age", str(copy.age_s(now)).encode())]
+            if queued:
+                headers.append((b"x-gateway-queued", b"true"))
+                return Answer(copy.status, headers, copy.body), None
+            return Answer(copy.status, headers, copy.body), self._item(r, called, "stale", "stale")
+        if queued:
+            body = b'{"id":"' + r.event_id.encode() + b'"}'
+            headers = [
+                (b"content-type", b"application/json"),
+                *_marks("miss", r.event_id),
+                (b"x-gateway-queued", b"true"),
+            ]
+            return Answer(202, headers, body), None
+        if called.result.error is ErrorKind.PAUSED:
+            error: type[HTTPError] = IntegrationPaused
+        elif called.result.error is ErrorKind.TIMEOUT:
+            error = GatewayTimeout
+        else:
+            error = BadGateway
+        return self._error(r, called, error)
+
+    async def _queue(self, r: _Request, called: Called, copy: Copy | None) -> bool:
+        """Stores a failed write for the workers, before the answer; False when its retry budget
+        allows no later attempt."""
+        result = called.result
+        paused = result.error is ErrorKind.PAUSED
+        verdict, wait_s = decide(result, r.integration.retry, 1, 0.0)
+        if verdict is not Verdict.RETRY and not paused:
+            return False
+        item = self._item(
+            r,
+            called,
+            "queued",
+            "stale" if copy is not None else "miss",
+            EventState.HELD if paused else EventState.RETRYING,
+            due_ms=now_ms() + int(wait_s * 1000),
+        )
+        try:
+            finished = await self._queuer.submit(item)
+        except StoreUnavailable as exc:
+            marks = tuple(_marks("miss", r.event_id))
+            raise ServiceUnavailable(
+                f"the write failed upstream and could not be queued ({exc})", marks
+            ) from None
+        await self._alerts.crossed(r.integration.name, finished, item.health.last_error)
+        return True
+
+    def _hit(self, r: _Request, copy: Copy) -> tuple[Answer, Proxied]:
+        age = copy.age_s(r.started_ms)
+        headers = [*copy.headers, *_marks("hit", r.event_id), (b"age", str(age).encode())]
+        called = Called(Result(None, None, f"answered from the copy, {age} s old", 0.0), [], b"", r.event_id)
+        return Answer(copy.status, headers, copy.body), self._item(
+            r, called, "hit", "hit", EventState.DELIVERED
+        )
+
+    def _error(self, r: _Request, called: Called, error: type[HTTPError]) -> tuple[Answer, Proxied]:
+        result = called.result
+        what = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
+        detail = f"the upstream failed ({what}) and no earlier answer is kept"
+        if result.error is ErrorKind.PAUSED:
+            detail = "the integration is paused and no earlier answer is kept"
+        body = orjson.dumps({"error": error.code, "detail": detail})
+        headers = [(b"content-type", b"application/json"), *_marks("miss", r.event_id)]
+        return Answer(error.status_code, headers, body), self._item(r, called, "error", "miss")
+
+    def _item(
+        self,
+        r: _Request,
+        called: Called,
+        answered: str,
+        cache: str,
+        state: EventState | None = None,
+        *,
+        copy: bytes = b"",
+        due_ms: int = 0,
+    ) -> Proxied:
+        """The log item of a request: its event, its one attempt, what it says about health."""
+        result = called.result
+        # A request that shared another's call, or was answered without one, counts no attempt.
+        own = called.event_id == r.event_id and (result.status is not None or result.error is not None)
+        if state is None:
+            state = EventState.DELIVERED if result.ok else EventState.DEAD
+        detail = result.detail
+        if called.event_id != r.event_id:
+            detail = f"shared the upstream call of event {called.event_id}" + (
+                f": {detail}" if detail else ""
+            )
+        record = AttemptRecord(
+            n=1,
+            at_ms=r.started_ms,
+            latency_ms=result.latency_ms if own else 0.0,
+            status=result.status,
+            error=result.error.value if result.error else None,
+            detail=detail,
+            outcome=state.value,
+            body=result.body.decode("utf-8", "replace"),
+            answered=answered,
+        )
+        return Proxied(
+            r.event_id,
+            r.integration.name,
+            state,
+            2 if state in (EventState.RETRYING, EventState.HELD) and own else 1,
+            r.request.pack(),
+            record,
+            health_of(r.integration, result) if own else NOT_COUNTED,
+            cache,
+            time.perf_counter() - r.started,
+            called=own and result.error is not ErrorKind.PAUSED,
+            due_ms=due_ms,
+            copy=copy,
+            request_key=r.key,
+            copy_ms=r.integration.proxy.keep_ms,
+            max_cache_bytes=r.integration.proxy.max_cache_bytes,
+        )
+
+
+@dataclass(slots=True)
+class _Request:
+    """One proxied request on its way: what it is, its event id, and when it came."""
+
+    integration: Integration
+    request: StoredRequest
+    event_id: str
+    started: float  # perf_counter
+    started_ms: int
+    key: str = ""
+
+
+def _marks(cache: str, event_id: str) -> list[tuple[bytes, bytes]]:
+    return [(b"x-gateway-cache", cache.encode()), (b"x-gateway-event-id", event_id.encode())]
+
+
+def _unstored(exc: Exception) -> Exception:
+    return StoreUnavailable(f"Redis did not take the write: {type(exc).__name__}")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
