@@ -78,7 +78,14 @@ def echo_app() -> Starlette:
             request.headers.get("webhook-id"),
             body[:200].decode("utf-8", "replace"),
         )
-        return JSONResponse({"received": True, "webhook_id": request.headers.get("webhook-id")})
+        return JSONResponse(
+            {
+                "received": True,
+                "webhook_id": request.headers.get("webhook-id"),
+                "method": request.method,
+                "query": dict(request.query_params),
+            }
+        )
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     return Starlette(
@@ -125,7 +132,8 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
     settings = Settings.from_env(env=env)
     worker = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], env=env)
     children.insert(0, worker)
-    demo = next((i.name for i in settings.config.integrations), None)
+    demo = next((i.name for i in settings.config.integrations if i.mode == "relay"), None)
+    sidebar = next((i.name for i in settings.config.integrations if i.mode == "proxy"), None)
     print(
         f"\n  gateway API   http://{host}:{port}   (health: /healthz, /readyz)\n"
         f"  demo endpoint http://127.0.0.1:{echo_port}/echo\n"
@@ -134,6 +142,11 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
             f"  try: curl -i -X POST http://{host}:{port}/hooks/{demo} "
             "-H 'content-type: application/json' -d '{\"ticket\": 1}'\n"
             if demo
+            else ""
+        )
+        + (
+            f"  try: curl -i 'http://{host}:{port}/hooks/{sidebar}/customers?email=ann%2B1%40example.com'\n"
+            if sidebar
             else ""
         ),
         flush=True,

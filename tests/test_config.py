@@ -122,7 +122,7 @@ def test_env_expansion(tmp_path: Path) -> None:
 
 def test_shipped_example_config_is_valid() -> None:
     config = load_config(Path(__file__).parent.parent / "config" / "gateway.toml", env={})
-    assert [i.name for i in config.integrations] == ["demo"]
+    assert [(i.name, i.mode) for i in config.integrations] == [("demo", "relay"), ("demo-sidebar", "proxy")]
 
 
 @pytest.mark.parametrize("command", [["check-config"], ["serve", "--port", "0"], ["worker"]])

@@ -43,6 +43,10 @@ def test_dev_delivers_to_demo_endpoint_with_embedded_redis(tmp_path: Path) -> No
             event_id = answer.json()["id"]
             wait_until(lambda: f"webhook-id={event_id}" in log.read_text(), timeout=15)
             assert "POST /echo/tickets/1" in log.read_text()
+            sidebar = httpx.get(url + "/hooks/demo-sidebar/customers", params={"email": "ann+1@example.com"})
+            assert (sidebar.status_code, sidebar.headers["x-gateway-cache"]) == (200, "miss")
+            assert sidebar.json()["query"] == {"email": "ann+1@example.com"}
+            assert sidebar.json()["webhook_id"] == sidebar.headers["x-gateway-event-id"]
             assert (tmp_path / "var").is_dir()
             assert any((tmp_path / "var").rglob("appendonly*")), "no append-only file under ./var"
         finally:
