@@ -82,7 +82,8 @@ class Ingress:
             integration, request, idempotency_key = await self._receive(scope, receive)
             if integration.mode == "proxy":
                 answer, log_item = await self._proxy.answer(integration, request)
-                await _answer(send, answer.status, answer.body, answer.headers)
+                length = len(answer.body) if answer.length is None else answer.length
+                await _answer(send, answer.status, answer.body, answer.headers, length)
                 if log_item is not None:
                     self._proxy.log_later(log_item)
                 return
@@ -184,8 +185,12 @@ def _check_token(integration: Integration, given: str | None, query: str) -> str
 
 
 async def _answer(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] = JSON_HEADERS,
+    length: int | None = None,
 ) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    headers = [*headers, (b"content-length", str(len(body) if length is None else length).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -87,8 +87,9 @@ Headers = list[tuple[bytes, bytes]]
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    headers: Headers
+    headers: Headers  # without content-length, which goes with the body
     body: bytes
+    length: int | None = None  # the content-length of a HEAD answer (its body is not sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class Called:
     headers: Headers
     body: bytes
     event_id: str  # the request that made the call (its webhook-id)
+    length: int | None = None  # the upstream's content-length
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,9 @@ class Proxy:
         if result.ok and policy.keep_ms and request.method != "HEAD" and called.event_id == r.event_id:
             kept = Copy(result.status, called.headers, called.body, started_ms).pack()
         headers = [*called.headers, *_marks("miss", r.event_id)]
-        return Answer(result.status, headers, called.body), self._item(r, called, "fresh", "miss", copy=kept)
+        length = called.length if request.method == "HEAD" else None
+        answer = Answer(result.status, headers, called.body, length)
+        return answer, self._item(r, called, "fresh", "miss", copy=kept)
 
     def log_later(self, item: Proxied) -> None:
         """Writes a log item in the background, with others; the answer never waits for it."""
@@ -285,6 +289,7 @@ class Proxy:
                         if len(body) > limit:
                             raise TooLarge
                     status = response.status
+                    length = response.content_length
                     kept = [(k, v) for k, v in response.raw_headers if k.lower() not in DROPPED]
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except TooLarge:
@@ -302,7 +307,7 @@ class Proxy:
             bytes(body[:SNIPPET_BYTES]),
             retry_after,
         )
-        return Called(result, kept, bytes(body), r.event_id)
+        return Called(result, kept, bytes(body), r.event_id, length)
 
     async def _failed(self, r: _Request, called: Called, copy: Copy | None) -> tuple[Answer, Proxied | None]:
         """The upstream failed, or was not called (paused): a write is queued; the answer is the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from pathlib import Path
 import sys
 import time
 from typing import Any, cast
@@ -14,7 +15,7 @@ from typing import Any, cast
 import httpx
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import Gateway, RedisServer, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -95,6 +96,11 @@ def test_passes_status_headers_and_body_through(gateway: Gateway, upstream: Upst
         ("delivered", 200),
         ("delivered", 201),
     ]
+
+    upstream.script([Reply(200, body=b'{"name":"Ann"}')])
+    head = httpx.head(gateway.url + "/hooks/crm/users?id=1", timeout=10)
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, "14", b"")
+    assert upstream.received[-1].method == "HEAD"
 
 
 def test_last_good_answer_when_the_upstream_fails_else_502_or_504(
@@ -326,3 +332,31 @@ def test_refusals_are_the_relays_and_store_nothing(
     assert ok.status_code == 200
     assert upstream.count() == 1 and upstream.received[0].path_qs == "/users?id=1"
     assert len(events(gateway, 1)) == 1
+
+
+def test_reads_are_answered_while_redis_is_down_and_writes_are_refused(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """The answer of a read needs no Redis; a write that failed upstream is kept in Redis or the
+    helpdesk is told it was not (503), never a 2xx for a write kept nowhere."""
+    server = RedisServer(tmp_path).start()
+    gw = Gateway(tmp_path, server.url)
+    try:
+        gw.configure(proxy_toml("crm", upstream.url), gateway="store_timeout_s = 0.3").start(0)
+        assert get(gw, "/hooks/crm/users?id=1").headers["x-gateway-cache"] == "miss"
+        server.kill()
+        upstream.script([Reply(200, body=b'{"still":"here"}')])
+        read = get(gw, "/hooks/crm/users?id=2")
+        assert (read.status_code, read.content, read.headers["x-gateway-cache"]) == (
+            200,
+            b'{"still":"here"}',
+            "miss",
+        )
+        upstream.script([500])
+        write = gw.post("/hooks/crm/notes", b'{"n":1}')
+        assert (write.status_code, write.json()["error"]) == (503, "unavailable")
+        assert write.headers["x-gateway-event-id"]
+        assert "Traceback" not in gw.log("api.log")
+    finally:
+        gw.stop()
+        server.stop()
