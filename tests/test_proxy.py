@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
