@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark in one command, and one table where each figure stands beside
 its baseline measured in the same run and its target.
 
-    python3 -m benchmarks [--only ingest,delivery,latency,drain,soak] [--quick] [--write]
+    python3 -m benchmarks [--only ingest,delivery,latency,drain,proxy,soak] [--quick] [--write]
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -15,6 +15,9 @@ this process, separate from the gateway's). The parts, each also runnable alone:
                                     (60 s), backlog, Redis commands per delivered event
   drain     benchmarks/drain.py     drain of 100,000 held events / a serial aiohttp loop; Redis
                                     memory per held event beyond its body
+  proxy     benchmarks/proxy.py     proxy mode: latency added to a GET at 100 and 500/s (15 s each)
+                                    / straight to the upstream; GETs/s on a miss / a bare aiohttp
+                                    proxy, on a hit / a bare Starlette app
   soak      benchmarks/soak.py      RSS of the API and of a worker over 10 min at 200 events/s
 
 The full run takes about 20 minutes; `--quick` (small counts, short durations, a 1-minute soak)
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import delivery, drain, ingest, latency, soak
+from benchmarks import delivery, drain, ingest, latency, proxy, soak
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
 
 
@@ -64,6 +67,8 @@ PARTS: dict[str, Part] = {
     "latency": Part(latency.parser, latency.run, ["--rates", "50:20,200:20,1000:60"],
                     ["--rates", "50:5,200:5,1000:5", "--grace", "20"]),
     "drain": Part(drain.parser, drain.run, ["--events", "100000"], ["--events", "2000"]),
+    "proxy": Part(proxy.parser, proxy.run, [],
+                  ["--rate-seconds", "3", "--rounds", "1", "--seconds", "2", "--warmup", "1"]),
     "soak": Part(soak.parser, soak.run, ["--minutes", "10"], ["--minutes", "1"]),
 }
 RESULTS = BENCHMARKS / "RESULTS.md"

@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -279,11 +279,21 @@ def start_redis(h: Harness) -> RedisServer:
     return RedisServer(port, process)
 
 
-# wrk: every response is counted by status in each thread; done() prints one JSON line.
+# wrk: every response is counted by status in each thread, and, when asked, the answers whose body is
+# not the expected one and the answers by the value of one header; done() prints one JSON line.
 _WRK_LUA = """
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-wrk.headers["Content-Type"] = "application/json"
+wrk.method = "%(method)s"
+%(request_body)s
+local expected = %(expected)s
+local header = %(header)s
+local path, cycle, counter = %(path)s, %(cycle)d, -1
+
+if path ~= nil then
+  function request()
+    counter = (counter + 1) %% cycle
+    return wrk.format(nil, (string.gsub(path, "{n}", tostring(counter))))
+  end
+end
 
 local threads = {}
 function setup(thread)
@@ -292,29 +302,56 @@ end
 
 function init(args)
   statuses = {}
+  mismatched = 0
+  seen = {}
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  if expected ~= nil and body ~= expected then
+    mismatched = mismatched + 1
+  end
+  if header ~= nil then
+    local value = "(none)"
+    for name, v in pairs(headers) do
+      if string.lower(name) == header then
+        value = string.gsub(v, '[^%%w%%-_.:/ ]', '?')
+        break
+      end
+    end
+    seen[value] = (seen[value] or 0) + 1
+  end
+end
+
+local function merge(name)
+  local merged = {}
+  for _, thread in ipairs(threads) do
+    for k, n in pairs(thread:get(name)) do
+      merged[k] = (merged[k] or 0) + n
+    end
+  end
+  return merged
 end
 
 function done(summary, latency, requests)
-  local merged = {}
-  for _, thread in ipairs(threads) do
-    for status, n in pairs(thread:get("statuses")) do
-      merged[status] = (merged[status] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(merged) do
+  local parts, values, wrong = {}, {}, 0
+  for status, n in pairs(merge("statuses")) do
     table.insert(parts, string.format('"%%d":%%d', status, n))
+  end
+  for value, n in pairs(merge("seen")) do
+    table.insert(values, string.format('"%%s":%%d', value, n))
+  end
+  for _, thread in ipairs(threads) do
+    wrong = wrong + thread:get("mismatched")
   end
   local e = summary.errors
   io.write(string.format(
     'WRK_RESULT {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,' ..
-    '"timeout":%%d,"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"statuses":{%%s}}\\n',
+    '"timeout":%%d,"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"statuses":{%%s},' ..
+    '"mismatched":%%d,"seen":{%%s}}\\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, table.concat(parts, ",")))
+    latency:percentile(50), latency:percentile(99), latency.mean, table.concat(parts, ","),
+    wrong, table.concat(values, ",")))
 end
 """
 
@@ -367,11 +404,12 @@ target = "http://127.0.0.1:{upstream_port}/hook"
 
 
 def start_stack(
-    h: Harness, config_text: str, upstream_port: int, log_level: str, *, workers: int = 1
+    h: Harness, config_text: str, upstream_port: int, log_level: str, *, workers: int = 1,
+    upstream_args: Sequence[str] = (),
 ) -> GatewayStack:
-    """Starts the stack with `config_text` (its integrations target the upstream on `upstream_port`)
-    and returns once the API is up and, when `workers` > 0, ready (/readyz wants a worker's
-    heartbeat). The caller closes `client`."""
+    """Starts the stack with `config_text` (its integrations target the upstream on `upstream_port`,
+    started with `--record` and `upstream_args`) and returns once the API is up and, when `workers`
+    > 0, ready (/readyz wants a worker's heartbeat). The caller closes `client`."""
     server = start_redis(h)
     gateway_port = free_port()
     config = h.directory / "gateway.toml"
@@ -382,7 +420,8 @@ def start_stack(
     env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_ADMIN_TOKEN=token,
                GATEWAY_LOG_LEVEL=log_level, GATEWAY_URL=api)
     upstream_base = f"http://127.0.0.1:{upstream_port}"
-    upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record"])
+    upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record",
+                                        *upstream_args])
     serve = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)]
     gateway = h.spawn("gateway", serve, env=env)
     stack = GatewayStack(server, server.client(), api, upstream_base, token, env, upstream, gateway)
@@ -430,11 +469,36 @@ def _wait_worker(
         time.sleep(0.05)
 
 
-def write_wrk_script(path: Path, body: bytes) -> Path:
-    text = body.decode()
+def _lua_long_string(data: bytes) -> str:
+    text = data.decode()
     if "]==]" in text:
-        raise ValueError("the body cannot be put in a Lua long string")
-    path.write_text(_WRK_LUA % {"body": text})
+        raise ValueError("the text cannot be put in a Lua long string")
+    return f"[==[{text}]==]"
+
+
+def write_wrk_script(
+    path: Path, body: bytes | None, *, method: str = "POST", expect_body: bytes | None = None,
+    count_header: str | None = None, request_path: str | None = None, cycle: int = 1,
+) -> Path:
+    """The script of `run_wrk`: `method` requests to the URL given to wrk, with `body` as JSON when
+    one is given (a GET has none). With `request_path`, to that path instead, where "{n}" stands for
+    a counter that runs through 0 .. `cycle` - 1 over and over (so that requests in flight together
+    differ). With `expect_body`, the answers whose body differs are counted (WrkResult.mismatched);
+    with `count_header`, the answers by that header's value (WrkResult.seen, "(none)" when absent)."""
+    if cycle < 1:
+        raise ValueError("cycle must be at least 1")
+    request_body = ""
+    if body is not None:
+        request_body = (f"wrk.body = {_lua_long_string(body)}\n"
+                        'wrk.headers["Content-Type"] = "application/json"')
+    path.write_text(_WRK_LUA % {
+        "method": method,
+        "request_body": request_body,
+        "expected": "nil" if expect_body is None else _lua_long_string(expect_body),
+        "header": "nil" if count_header is None else json.dumps(count_header.lower()),
+        "path": "nil" if request_path is None else json.dumps(request_path),
+        "cycle": cycle,
+    })
     return path
 
 
@@ -447,6 +511,8 @@ class WrkResult:
     socket_errors: int  # connect + read + write + timeout
     statuses: dict[int, int]
     cpu_s: float  # CPU time wrk itself used
+    mismatched: int = 0  # answers whose body was not the expected one (write_wrk_script's expect_body)
+    seen: dict[str, int] = field(default_factory=dict)  # value of the counted header -> answers
 
     @property
     def rate(self) -> float:
@@ -492,6 +558,8 @@ def run_wrk(
         socket_errors=raw["connect"] + raw["read"] + raw["write"] + raw["timeout"],
         statuses={int(k): v for k, v in raw["statuses"].items()},
         cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        mismatched=int(raw.get("mismatched", 0)),
+        seen={str(k): int(v) for k, v in raw.get("seen", {}).items()},
     )
 
 
@@ -796,35 +864,137 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, out: Sent
             out.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-async def send_open_loop(url: str, body: bytes, rate: float, seconds: float) -> Sent:
-    """Open loop: the k-th POST starts at start + k / rate, each in a task of its own, so a slow
-    answer delays no later POST (a closed loop would hide latency by sending less)."""
-    out = Sent()
+@dataclass(frozen=True)
+class Schedule:
+    """How an open-loop run went: requests issued, the time from the first to the last one issued,
+    and how late the sender issued one behind its schedule, at most."""
+
+    sent: int
+    seconds: float
+    lag_max_s: float
+
+
+async def open_loop(
+    rate: float, seconds: float, one: Callable[[aiohttp.ClientSession, int], Coroutine[Any, Any, None]]
+) -> Schedule:
+    """Open loop: the k-th request, `one(session, k)`, starts at start + k / rate, each in a task of its
+    own, so a slow answer delays no later request (a closed loop would hide latency by sending
+    less). Returns once every request is answered."""
     count = max(int(rate * seconds), 1)
+    lag_max = first = last = 0.0
     connector = aiohttp.TCPConnector(limit=512)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
         start = loop.time() + 0.05
-        first = last = 0.0
         for k in range(count):
             due = start + k / rate
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             now = loop.time()
-            out.lag_max_s = max(out.lag_max_s, now - due)
+            lag_max = max(lag_max, now - due)
             if k == 0:
                 first = now
             last = now
-            task = asyncio.create_task(_post(session, url, body, out))
+            task = asyncio.create_task(one(session, k))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            out.sent += 1
-        out.seconds = max(last - first, 1 / rate) if count > 1 else 1 / rate
         if tasks:
             await asyncio.gather(*tasks)
+    return Schedule(count, max(last - first, 1 / rate) if count > 1 else 1 / rate, lag_max)
+
+
+async def send_open_loop(url: str, body: bytes, rate: float, seconds: float) -> Sent:
+    """POSTs `body` to `url` open-loop (see `open_loop`), keeping the event id of each 202."""
+    out = Sent()
+    schedule = await open_loop(rate, seconds, lambda session, k: _post(session, url, body, out))
+    out.sent, out.seconds, out.lag_max_s = schedule.sent, schedule.seconds, schedule.lag_max_s
     return out
+
+
+@dataclass
+class Fetched:
+    """What an open-loop run of GETs got (`fetch_open_loop`)."""
+
+    sent: int = 0  # GETs issued
+    answer_ms: list[float] = field(default_factory=list)  # send -> whole answer, of each right one
+    statuses: dict[int, int] = field(default_factory=dict)
+    mismatched: int = 0  # 200 answers whose body was not the expected one
+    seen: dict[str, int] = field(default_factory=dict)  # value of the counted header -> answers
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    seconds: float = 0.0  # from the first GET to the last one issued
+    lag_max_s: float = 0.0  # how late the sender issued a GET behind its schedule, at most
+
+    @property
+    def right(self) -> int:
+        """Answers 200 with the expected body."""
+        return len(self.answer_ms)
+
+    def problems(self, what: str) -> list[str]:
+        """Wrong answers: statuses other than 200, other bodies, send errors, no right answer."""
+        out = []
+        others = {s: n for s, n in self.statuses.items() if s != 200}
+        if others:
+            out.append(f"{what}: answers other than 200: {others}")
+        if self.mismatched:
+            out.append(f"{what}: {self.mismatched} answers 200 with another body than the expected one")
+        if self.error_count:
+            out.append(f"{what}: {self.error_count} send errors, e.g. {self.errors}")
+        if not self.right:
+            out.append(f"{what}: no right answer at all")
+        return out
+
+    def notes(self, what: str) -> list[str]:
+        """A sender behind its schedule."""
+        if self.lag_max_s > 0.05:
+            return [f"{what}: the sender fell up to {self.lag_max_s * 1000:.0f} ms behind its schedule"]
+        return []
+
+
+async def _get(
+    session: aiohttp.ClientSession, url: str, expect_body: bytes, count_header: str | None, out: Fetched
+) -> None:
+    sent_at = time.perf_counter()
+    try:
+        async with session.get(url) as response:
+            raw = await response.read()
+            took_ms = (time.perf_counter() - sent_at) * 1000
+            out.statuses[response.status] = out.statuses.get(response.status, 0) + 1
+            if count_header is not None:
+                value = response.headers.get(count_header, "(none)")
+                out.seen[value] = out.seen.get(value, 0) + 1
+            if response.status == 200:
+                if raw == expect_body:
+                    out.answer_ms.append(took_ms)
+                else:
+                    out.mismatched += 1
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        out.error_count += 1
+        if len(out.errors) < 5:
+            out.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+async def fetch_open_loop(
+    urls: Sequence[str], rate: float, seconds: float, *, expect_body: bytes, count_header: str | None = None
+) -> Fetched:
+    """GETs `urls` in turn, over and over, open-loop (see `open_loop`): the time to each whole answer
+    that is 200 with `expect_body`; the other answers counted, and the answers by the value of
+    `count_header`."""
+    out = Fetched()
+    schedule = await open_loop(
+        rate, seconds, lambda session, k: _get(session, urls[k % len(urls)], expect_body, count_header, out))
+    out.sent, out.seconds, out.lag_max_s = schedule.sent, schedule.seconds, schedule.lag_max_s
+    return out
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of sorted `values`."""
+    if not values:
+        return float("nan")
+    rank = max(int(-(-p * len(values) // 100)), 1)  # ceil(p/100 * n), at least 1
+    return values[min(rank, len(values)) - 1]
 
 
 # --- Memory of a process -----------------------------------------------------------------------------

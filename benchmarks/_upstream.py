@@ -1,11 +1,11 @@
 """The upstream of benchmarks/http_clients.py and benchmarks/drain.py: answers 200 `{"ok":true}` to
-any request.
+any request (with `--answer-file PATH`, that file's bytes as JSON instead: benchmarks/proxy.py).
 
 A raw ASGI callable (no framework) on uvicorn with uvloop and httptools, one process: about the
 cheapest Python HTTP/1.1 server there is, so that the clients, not the server, set the pace. The
 benchmark also measures this server alone with wrk, and its CPU use during each client's run.
 
-    python3 benchmarks/_upstream.py --port 8080 [--record]
+    python3 benchmarks/_upstream.py --port 8080 [--record] [--answer-file PATH]
 
 With `--record` it also counts every request and keeps, in arrival order, the `webhook-id` header of
 those that carry one (the gateway sets it on every attempt) and its arrival time (time.time(), when
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,13 +33,14 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 BODY = b'{"ok":true}'
-START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
-}
-END = {"type": "http.response.body", "body": BODY}
 STATS_PATH = "/_stats"
+
+
+def answer(body: bytes) -> tuple[Message, Message]:
+    """The two ASGI messages of a 200 answer with `body` as JSON."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    return start, {"type": "http.response.body", "body": body}
 
 
 async def _read_body(receive: Receive) -> None:
@@ -48,18 +50,25 @@ async def _read_body(receive: Receive) -> None:
         more = bool(message.get("more_body", False))
 
 
-async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-    if scope["type"] != "http":
-        return
-    await _read_body(receive)
-    await send(START)
-    await send(END)
+def plain_app(body: bytes = BODY) -> App:
+    """Answers 200 with `body` to any request."""
+    start, end = answer(body)
+
+    async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await _read_body(receive)
+        await send(start)
+        await send(end)
+
+    return app
 
 
 class RecordingApp:
-    """`app`, plus a request count and the webhook-id of each request, served at /_stats."""
+    """`plain_app`, plus a request count and the webhook-id of each request, served at /_stats."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = BODY) -> None:
+        self.start, self.end = answer(body)
         self.requests = 0
         self.ids: list[bytes] = []
         self.times: list[float] = []  # arrival time of each kept id (time.time())
@@ -78,8 +87,8 @@ class RecordingApp:
                 self.ids.append(value)
                 self.times.append(arrived)
                 break
-        await send(START)
-        await send(END)
+        await send(self.start)
+        await send(self.end)
 
     async def _stats(self, scope: MutableMapping[str, Any], send: Send) -> None:
         query: bytes = scope["query_string"]
@@ -100,8 +109,10 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--record", action="store_true", help="count requests, keep webhook-ids (/_stats)")
+    parser.add_argument("--answer-file", help='answer this file\'s bytes (JSON) instead of {"ok":true}')
     args = parser.parse_args()
-    target: App = RecordingApp() if args.record else app
+    body = Path(args.answer_file).read_bytes() if args.answer_file else BODY
+    target: App = RecordingApp(body) if args.record else plain_app(body)
     uvicorn.run(target, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, log_level="warning", timeout_graceful_shutdown=2)
 

@@ -64,6 +64,7 @@ from benchmarks._common import (
     gateway_config,
     harness,
     per_event_text,
+    percentile,
     print_table,
     run_main,
     send_open_loop,
@@ -105,14 +106,6 @@ class Run:
     def grew(self) -> bool:
         """The backlog grew: more left at the end than a tenth of a second's events (min 10)."""
         return self.backlog > max(self.rate * 0.1, 10)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile of sorted `values`."""
-    if not values:
-        return float("nan")
-    rank = max(int(-(-p * len(values) // 100)), 1)  # ceil(p/100 * n), at least 1
-    return values[min(rank, len(values)) - 1]
 
 
 def run_rate(
