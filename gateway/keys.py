@@ -147,6 +147,19 @@ local function rq(id) return P .. ':rq:' .. id end
 local function at(id) return P .. ':at:' .. id end
 local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
 local function int(name) return P .. ':int:' .. name end
+-- Many values in two arguments (redis-py packs each argument in Python, which cost more than the
+-- script's work per event): `lengths` lists their byte lengths, comma-separated, and `data` holds
+-- them back to back. Returns a function that gives the next value at each call.
+local function fields(lengths, data)
+  local lens, pos, li = {}, 1, 0
+  for n in string.gmatch(lengths, '%d+') do lens[#lens + 1] = tonumber(n) end
+  return function()
+    li = li + 1
+    local s = string.sub(data, pos, pos + lens[li] - 1)
+    pos = pos + lens[li]
+    return s
+  end
+end
 -- Grouped writes: per key, a flat list of arguments, sent as one command at the end.
 local function group(groups, key, a, b)
   local list = groups[key]
@@ -285,15 +298,7 @@ ACCEPT = (
     _PRELUDE
     + """
 local now, idem_px, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local lens = {}
-for n in string.gmatch(ARGV[5], '%d+') do lens[#lens + 1] = tonumber(n) end
-local data, pos, li = ARGV[6], 1, 0
-local function take()
-  li = li + 1
-  local s = string.sub(data, pos, pos + lens[li] - 1)
-  pos = pos + lens[li]
-  return s
-end
+local take = fields(ARGV[5], ARGV[6])
 local out, seen, strings, due, indexed, holding, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
 -- A held event's score: its received ms, or, when that would not sort it after every event held
 -- before it (several in one millisecond), the last score + 1/1024 (a step that a double keeps
@@ -483,8 +488,9 @@ return out
 """
 )
 
-# ARGV: prefix, now, items (JSON list), then per item three blobs: the request blob, the attempt
-# record (JSON), and the upstream's answer to keep as the request's last good copy ("" for none).
+# ARGV: prefix, now, items (JSON list), lengths, data: per item three values (see `fields`), the
+# request blob, the attempt record (JSON), and the upstream's answer to keep as the request's last
+# good copy ("" for none).
 # An item: [id, integration, state (delivered|dead: answered and done; retrying: a queued write),
 #   attempt number of the event (the next one when queued), due ms of a queued write, health code
 #   ("S", "F" or "-"), failure threshold, last error, first probe cool-down s, latency bucket index
@@ -505,9 +511,10 @@ local items = cjson.decode(ARGV[3])
 local health, out, strings, added, due, last = {}, {}, {}, {}, {}, {}
 local attempts, latency, latency_sum, answers, answer_latency, answer_sum = {}, {}, {}, {}, {}, {}
 local copied = {}
+local take = fields(ARGV[4], ARGV[5])
 for k, item in ipairs(items) do
   local id, integ, state = item[1], item[2], item[3]
-  local blob, record, copy = ARGV[1 + 3 * k], ARGV[2 + 3 * k], ARGV[3 + 3 * k]
+  local blob, record, copy = take(), take(), take()
   local h = health_load(health, integ)
   local r = {1, state, 0, 0}
   health_count(h, now, item[6], item[7], item[8], item[9], r)
@@ -563,6 +570,23 @@ tally_write(P .. ':m:proxy', answers)
 tally_write(P .. ':m:proxy_latency', answer_latency)
 tally_write(P .. ':m:proxy_latency_sum', answer_sum, true)
 for integ, limit in pairs(copied) do prune_copies(integ, now, limit) end
+return out
+"""
+)
+
+# ARGV: prefix, then per request: integration, request key ("" for none). What proxy mode reads
+# before it calls the endpoint, for the requests of many callers at once: per request, 1 if the
+# integration is paused (else 0), and the request's copy ("" when there is none or none was asked).
+PROXY_VIEW = (
+    _PRELUDE
+    + """
+local out, states = {}, {}
+for k = 2, #ARGV, 2 do
+  local integ, key = ARGV[k], ARGV[k + 1]
+  if states[integ] == nil then states[integ] = redis.call('HGET', int(integ), 'state') == 'paused' end
+  out[#out + 1] = states[integ] and 1 or 0
+  out[#out + 1] = key ~= '' and redis.call('GET', P .. ':px:' .. integ .. ':' .. key) or ''
+end
 return out
 """
 )

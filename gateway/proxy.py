@@ -18,9 +18,11 @@ stored before its answer. Identical concurrent reads in one process share one up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import aiohttp
@@ -77,14 +79,17 @@ DROPPED = frozenset(
         b"server",
     }
 )
+FRESH_MEMORY_BYTES = 32 * 1024 * 1024  # fresh copies kept in each API process
 LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
 LOG_TIMEOUT_S = 10.0
+LOG_BATCH = 512
+MAX_WAITING = 100_000  # log items kept while Redis is unavailable
 MAX_CONNECTIONS = 256
 
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much
 class Answer:
     status: int
     headers: Headers  # without content-length, which goes with the body
@@ -92,7 +97,7 @@ class Answer:
     length: int | None = None  # the content-length of a HEAD answer (its body is not sent)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much
 class Called:
     """The upstream's answer to one call (status, headers and body are empty when it failed)."""
 
@@ -103,7 +108,7 @@ class Called:
     length: int | None = None  # the upstream's content-length
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much
 class Copy:
     """A kept 2xx answer: the request's last good one."""
 
@@ -125,6 +130,100 @@ class Copy:
 
     def age_s(self, now: int) -> int:
         return max(0, (now - self.stored_ms) // 1000)
+
+
+class LogWriter:
+    """Writes the log items of answered requests in the background, in batches: one writer at a
+    time, which takes everything waiting when it starts a call (so a busy process writes large
+    batches), and no task or future per item (they cost more than the item's share of the call).
+    Without Redis, items wait up to `MAX_WAITING`, then the oldest are dropped with a warning:
+    the answers were given; only their log is lost."""
+
+    def __init__(self, store: Store, alerts: Alerts) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._waiting: list[Proxied] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._dropped = 0
+
+    def add(self, item: Proxied) -> None:
+        self._waiting.append(item)
+        if len(self._waiting) > MAX_WAITING:
+            del self._waiting[: len(self._waiting) - MAX_WAITING]
+            self._dropped += 1
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def flush(self, timeout_s: float) -> None:
+        """Waits until everything waiting is written; gives up after `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._writer is not None:
+                    await asyncio.shield(self._writer)
+        if self._writer is not None:
+            self._writer.cancel()
+            log.warning("proxy log: %d items not written at shutdown", len(self._waiting))
+
+    async def _write(self) -> None:
+        try:
+            await asyncio.sleep(LOG_LINGER_S)
+            while self._waiting:
+                batch, self._waiting = self._waiting[:LOG_BATCH], self._waiting[LOG_BATCH:]
+                try:
+                    async with asyncio.timeout(LOG_TIMEOUT_S):
+                        results = await self._store.proxied(batch)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning(
+                        "proxy log: %d items not written: %s: %s", len(batch), type(exc).__name__, exc
+                    )
+                    self._waiting[:0] = batch
+                    await asyncio.sleep(1.0)
+                    continue
+                if self._dropped:
+                    log.warning(
+                        "proxy log: Redis was unavailable; the log of %d answers is lost", self._dropped
+                    )
+                    self._dropped = 0
+                for item, finished in zip(batch, results, strict=True):
+                    if finished.signals:
+                        await self._alerts.crossed(item.integration, finished, item.health.last_error)
+        finally:
+            self._writer = None
+
+
+class FreshCopies:
+    """Copies within their `fresh_ttl_s`, kept in the API process too, so that a hit needs no
+    Redis read: any copy younger than `fresh_ttl_s` may answer, by definition. Bounded in bytes;
+    the oldest inserted go first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._copies: OrderedDict[tuple[str, str], tuple[Copy, int]] = OrderedDict()
+
+    def get(self, integration: str, key: str, stored_after_ms: int) -> Copy | None:
+        found = self._copies.get((integration, key))
+        if found is None:
+            return None
+        if found[0].stored_ms <= stored_after_ms:
+            self._drop((integration, key))
+            return None
+        return found[0]
+
+    def put(self, integration: str, key: str, copy: Copy) -> None:
+        size = len(copy.body) + 256
+        if size > self._max_bytes // 16:
+            return
+        self._drop((integration, key))
+        self._copies[(integration, key)] = (copy, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._copies)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        found = self._copies.pop(key, None)
+        if found is not None:
+            self._bytes -= found[1]
 
 
 class TooLarge(Exception):
@@ -161,11 +260,13 @@ class Proxy:
         self._store_timeout_s = config.gateway.store_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._calls: dict[str, asyncio.Future[Called]] = {}  # request key -> the call in flight
-        self._logger: Batcher[Proxied, Finished] = Batcher(
-            store.proxied, LOG_TIMEOUT_S, lambda exc: exc, linger_s=LOG_LINGER_S
-        )
+        self._logger = LogWriter(store, alerts)
         self._queuer: Batcher[Proxied, Finished] = Batcher(store.proxied, self._store_timeout_s, _unstored)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._viewer: Batcher[tuple[str, str], tuple[bool, bytes | None]] = Batcher(
+            store.proxy_views, self._store_timeout_s, _unstored
+        )
+        self._fresh = FreshCopies(FRESH_MEMORY_BYTES)
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -180,9 +281,7 @@ class Proxy:
         )
 
     async def close(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._logger.flush()
+        await self._logger.flush(LOG_TIMEOUT_S)
         if self._session is not None:
             await self._session.close()
 
@@ -192,9 +291,14 @@ class Proxy:
         policy = integration.proxy
         r = _Request(integration, request, new_event_id(started_ms), time.perf_counter(), started_ms)
         r.key = request_key(request, policy.vary_headers)
-        paused, blob = await self._view(integration.name, r.key if policy.fresh_ttl_s else None)
-        copy = Copy.unpack(blob) if blob else None
-        if copy is not None and started_ms - copy.stored_ms < policy.fresh_ttl_s * 1000:
+        fresh_ms = policy.fresh_ttl_s * 1000
+        if fresh_ms:
+            copy = self._fresh.get(integration.name, r.key, started_ms - fresh_ms)
+            if copy is not None:
+                return self._hit(r, copy)
+        paused, copy = await self._view(integration.name, r.key if fresh_ms else "")
+        if copy is not None and started_ms - copy.stored_ms < fresh_ms:
+            self._fresh.put(integration.name, r.key, copy)
             return self._hit(r, copy)
         if paused:
             result = Result(None, ErrorKind.PAUSED, "the integration is paused: nothing was sent", 0.0)
@@ -207,7 +311,10 @@ class Proxy:
             return self._error(r, called, BadGateway)
         kept = b""
         if result.ok and policy.keep_ms and request.method != "HEAD" and called.event_id == r.event_id:
-            kept = Copy(result.status, called.headers, called.body, started_ms).pack()
+            fresh = Copy(result.status, called.headers, called.body, started_ms)
+            kept = fresh.pack()
+            if fresh_ms:
+                self._fresh.put(integration.name, r.key, fresh)
         headers = [*called.headers, *_marks("miss", r.event_id)]
         length = called.length if request.method == "HEAD" else None
         answer = Answer(result.status, headers, called.body, length)
@@ -215,37 +322,18 @@ class Proxy:
 
     def log_later(self, item: Proxied) -> None:
         """Writes a log item in the background, with others; the answer never waits for it."""
-        task = asyncio.get_running_loop().create_task(self._log(item))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._logger.add(item)
 
-    async def _log(self, item: Proxied) -> None:
+    async def _view(self, name: str, key: str) -> tuple[bool, Copy | None]:
+        """Whether the integration is paused, and the request's copy when a key is given; the
+        reads of concurrent requests share one round trip. Without Redis the endpoint is still
+        called: its answer needs no Redis."""
         try:
-            finished = await self._logger.submit(item)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning(
-                "proxy log of event %s was not written: %s: %s", item.event_id, type(exc).__name__, exc
-            )
-            return
-        await self._alerts.crossed(item.integration, finished, item.health.last_error)
-
-    async def _view(self, name: str, key: str | None) -> tuple[bool, bytes | None]:
-        """Whether the integration is paused, and the copy when asked for. Without Redis the
-        upstream is still called: its answer needs no Redis."""
-        try:
-            async with asyncio.timeout(self._store_timeout_s):
-                return await self._store.proxy_view(name, key)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("proxy %s: Redis unavailable (%s); calling the upstream", name, type(exc).__name__)
+            paused, blob = await self._viewer.submit((name, key))
+        except StoreUnavailable as exc:
+            log.warning("proxy %s: %s; calling the upstream", name, exc)
             return False, None
-
-    async def _copy(self, name: str, key: str) -> Copy | None:
-        try:
-            async with asyncio.timeout(self._store_timeout_s):
-                blob = await self._store.proxy_copy(name, key)
-        except (RedisError, OSError, TimeoutError):
-            return None
-        return Copy.unpack(blob) if blob else None
+        return paused, Copy.unpack(blob) if blob else None
 
     async def _call(self, r: _Request) -> Called:
         """The upstream's answer; a read shares the call of an identical one already in flight
@@ -268,6 +356,12 @@ class Proxy:
         future.set_result(called)
         return called
 
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
+
     async def _send(self, r: _Request) -> Called:
         assert self._session is not None, "Proxy.start() was not awaited"
         integration, request = r.integration, r.request
@@ -277,21 +371,27 @@ class Proxy:
         try:
             target = URL(request.url, encoded=True)
             self._policy.check_literal(target.host or "")
-            async with asyncio.timeout(integration.timeout_s):
-                async with self._session.request(
-                    request.method, target, headers=headers, data=request.body or None, allow_redirects=False
-                ) as response:
-                    if response.content_length is not None and response.content_length > limit:
+            # aiohttp's total timeout is the one deadline of the whole exchange, body included (an
+            # asyncio.timeout around it cost 5 % of the API's CPU per request).
+            async with self._session.request(
+                request.method,
+                target,
+                headers=headers,
+                data=request.body or None,
+                allow_redirects=False,
+                timeout=self._timeout(integration.timeout_s),
+            ) as response:
+                if response.content_length is not None and response.content_length > limit:
+                    raise TooLarge
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
                         raise TooLarge
-                    body = bytearray()
-                    async for chunk in response.content.iter_any():
-                        body += chunk
-                        if len(body) > limit:
-                            raise TooLarge
-                    status = response.status
-                    length = response.content_length
-                    kept = [(k, v) for k, v in response.raw_headers if k.lower() not in DROPPED]
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                status = response.status
+                length = response.content_length
+                kept = [(k, v) for k, v in response.raw_headers if k.lower() not in DROPPED]
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except TooLarge:
             detail = f"the answer is larger than max_response_bytes ({limit})"
             return Called(Result(None, ErrorKind.TOO_LARGE, detail, _ms_since(started)), [], b"", r.event_id)
@@ -314,7 +414,7 @@ class Proxy:
         last good one, or 202 for a queued write, or an error."""
         policy = r.integration.proxy
         if policy.stale_ttl_s and copy is None:
-            copy = await self._copy(r.integration.name, r.key)
+            _, copy = await self._view(r.integration.name, r.key)
         now = now_ms()
         if copy is not None and not (0 <= now - copy.stored_ms <= policy.stale_ttl_s * 1000):
             copy = None

@@ -84,7 +84,10 @@ def health_of(integration: Integration | None, result: Result) -> Health:
     return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
 
 
-@dataclass(frozen=True, slots=True)
+STATE_OF = {s.value.encode(): s for s in EventState}  # a lookup: EventState(...) is slow
+
+
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much
 class Finished:
     state: EventState
     consecutive_failures: int
@@ -96,7 +99,7 @@ class Finished:
         if not got:
             return None
         signals = tuple(x.decode() for x in got[4:])
-        return cls(EventState(got[1].decode()), int(got[2]), got[3] == 1, signals)
+        return cls(STATE_OF[got[1]], int(got[2]), got[3] == 1, signals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,7 @@ class Finish:
         ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much
 class Proxied:
     """A request answered in proxy mode, as the log keeps it: one item of PROXIED."""
 
@@ -223,6 +226,7 @@ class Store:
         self._trim = redis.register_script(keys.TRIM)
         self._unlock = redis.register_script(keys.UNLOCK)
         self._proxied = redis.register_script(keys.PROXIED)
+        self._proxy_view = redis.register_script(keys.PROXY_VIEW)
         self._copies = redis.register_script(keys.COPIES)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
@@ -270,24 +274,24 @@ class Store:
         """Logs answered proxy requests and queues failed writes, in one atomic script."""
         if not items:
             return []
-        args: list[str | int | bytes] = [self.keys.prefix, now_ms(), orjson.dumps([i.item() for i in items])]
-        for i in items:
-            args += (i.request_blob, orjson.dumps(i.record), i.copy)
+        values = [v for i in items for v in (i.request_blob, orjson.dumps(i.record), i.copy)]
+        args: list[str | int | bytes] = [
+            self.keys.prefix,
+            now_ms(),
+            orjson.dumps([i.item() for i in items]),
+            ",".join([str(len(v)) for v in values]),
+            b"".join(values),
+        ]
         return [cast(Finished, Finished.parse(got)) for got in await self._proxied(args=args)]
 
-    async def proxy_view(self, integration: str, request_key: str | None) -> tuple[bool, bytes | None]:
-        """(whether the integration is paused, the request's copy when a key is given), in one
-        round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self.keys.integration(integration), "state")
-            if request_key is not None:
-                pipe.get(self.keys.proxy_copy(integration, request_key))
-            got = await pipe.execute()
-        return got[0] == b"paused", got[1] if request_key is not None else None
-
-    async def proxy_copy(self, integration: str, request_key: str) -> bytes | None:
-        copy: bytes | None = await self.redis.get(self.keys.proxy_copy(integration, request_key))
-        return copy
+    async def proxy_views(self, requests: Sequence[tuple[str, str]]) -> list[tuple[bool, bytes | None]]:
+        """For each (integration, request key or ""): whether the integration is paused, and the
+        request's copy, for many requests in one round trip."""
+        args: list[str] = [self.keys.prefix]
+        for integration, key in requests:
+            args += (integration, key)
+        flat = await self._proxy_view(args=args)
+        return [(flat[i] == 1, flat[i + 1] or None) for i in range(0, len(flat), 2)]
 
     async def copies(self, integrations: Sequence[str]) -> list[tuple[int, int]]:
         """(copies, bytes) kept for each proxy integration."""
