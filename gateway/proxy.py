@@ -267,6 +267,7 @@ class Proxy:
         )
         self._fresh = FreshCopies(FRESH_MEMORY_BYTES)
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._warned = 0.0
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -291,7 +292,9 @@ class Proxy:
         policy = integration.proxy
         r = _Request(integration, request, new_event_id(started_ms), time.perf_counter(), started_ms)
         r.key = request_key(request, policy.vary_headers)
-        fresh_ms = policy.fresh_ttl_s * 1000
+        # A write is never answered without its call: a copy stands in for a write only after the
+        # call failed (and the write is queued).
+        fresh_ms = policy.fresh_ttl_s * 1000 if request.method in READS else 0
         if fresh_ms:
             copy = self._fresh.get(integration.name, r.key, started_ms - fresh_ms)
             if copy is not None:
@@ -331,7 +334,9 @@ class Proxy:
         try:
             paused, blob = await self._viewer.submit((name, key))
         except StoreUnavailable as exc:
-            log.warning("proxy %s: %s; calling the upstream", name, exc)
+            if time.monotonic() - self._warned > 1.0:  # one line a second, not one per request
+                self._warned = time.monotonic()
+                log.warning("proxy %s: %s; calling the upstream", name, exc)
             return False, None
         return paused, Copy.unpack(blob) if blob else None
 

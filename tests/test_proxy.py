@@ -201,7 +201,13 @@ def test_fresh_copies_answer_without_a_call_and_vary_by_header(gateway: Gateway,
     other = get(gateway, "/hooks/crm/users?id=1", headers={"x-account": "b"})
     assert other.headers["x-gateway-cache"] == "miss"
     assert upstream.count() == 2
-    logged = {e["id"]: e for e in events(gateway, 3)}
+    # a write is never answered from a copy while its endpoint answers: it must reach the endpoint
+    copies(gateway, 2)
+    assert gateway.post("/hooks/crm/notes", b'{"n":1}').headers["x-gateway-cache"] == "miss"
+    copies(gateway, 3)
+    assert gateway.post("/hooks/crm/notes", b'{"n":1}').headers["x-gateway-cache"] == "miss"
+    assert upstream.count() == 4
+    logged = {e["id"]: e for e in events(gateway, 5)}
     assert logged[hit.headers["x-gateway-event-id"]]["attempts"][0]["answered"] == "hit"
     metrics = httpx.get(gateway.url + "/metrics", timeout=5).text
     assert 'gateway_proxy_answers_total{cache="hit",integration="crm"} 1.0' in metrics
