@@ -176,7 +176,9 @@ class Admin:
         """Live workers, the attempts scheduled (due now or later), and every integration."""
         self._authorize(request)
         workers = await self._store.live_workers()
-        depth = int(await self._store.redis.zcard(self._store.keys.due))
+        depth = await self._store.scheduled(
+            [i.name for i in [*self._config.integrations, *self._config.alert_sinks]]
+        )
         items = [await self.describe(i) for i in self._config.integrations]
         return json_response({"workers_live": workers, "queue_depth": depth, "integrations": items})
 

@@ -8,9 +8,15 @@ Layout under a prefix P (default "gw"):
                                   costs 400 bytes more per event)
     P:rq:{id}              string the request: JSON head (method, url, headers) + "\\n" + body
     P:at:{id}              list   one JSON record per finished attempt
-    P:due                  zset   id -> due ms, for pending and retrying events: the one
-                                  schedule of deliveries; workers take what is due from it in
-                                  batches (CLAIM_DUE)
+    P:due:{integration}    zset   id -> due ms, for the integration's pending and retrying
+                                  events: its schedule of deliveries
+    P:ready                zset   integration -> the earliest ms it may have an attempt to claim
+                                  (its next due event, its next rate token, or the end of a
+                                  Retry-After wait); absent while it has nothing due or is at its
+                                  `max_in_flight` (then `capped` is set in P:int); workers take
+                                  what is due in batches (CLAIM_DUE), shared between integrations
+    P:bell                 list   rung (RPUSH) when a script moves a ready time earlier; an idle
+                                  worker waits on it (BLPOP) until the earliest ready time
     P:lease                zset   id -> lease expiry ms, for in-flight events
     P:st:{integration}:{state}  zset  id -> received ms: the state index (the admin API reads it,
                                   and the reconciler walks the pending and retrying ones)
@@ -22,7 +28,9 @@ Layout under a prefix P (default "gw"):
                                   probe), cooldown_s, draining (set by a resume that leaves held
                                   events and by each drain batch; cleared when the drain finds
                                   nothing left to take); last_success_ms is written at most once
-                                  a second
+                                  a second; capped (at max_in_flight, out of P:ready until an
+                                  attempt ends); tat (the rate limit's GCRA time, ms);
+                                  wait_until / wait_reason (a Retry-After that holds every event)
     P:drain:{integration}  string the lock of the one worker draining or probing it
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
@@ -33,6 +41,8 @@ Layout under a prefix P (default "gw"):
     P:m:attempts           hash   integration|outcome -> finished attempts
     P:m:latency            hash   integration|bucket -> attempts (latency_sum: integration -> s)
     P:m:alerts             hash   kind -> alerts sent;  P:m:refused: reason -> inbound refused
+    P:m:wait               hash   integration|bucket -> attempts by time from due to claim
+                                  (wait_sum: integration -> s)
     P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
     P:px:{integration}:{hash}  string  proxy mode: the last good answer to one request (JSON head:
                                   status, headers, stored ms; "\n"; body), expiring after the
@@ -76,9 +86,16 @@ class Keys:
     def attempts(self, event_id: str) -> str:
         return f"{self.prefix}:at:{event_id}"
 
+    def due(self, integration: str) -> str:
+        return f"{self.prefix}:due:{integration}"
+
     @property
-    def due(self) -> str:
-        return f"{self.prefix}:due"
+    def ready(self) -> str:
+        return f"{self.prefix}:ready"
+
+    @property
+    def bell(self) -> str:
+        return f"{self.prefix}:bell"
 
     @property
     def lease(self) -> str:
@@ -173,6 +190,25 @@ end
 local function flush(command, groups)
   for key, list in pairs(groups) do redis.call(command, key, unpack(list)) end
 end
+-- The schedule: each integration's due set (id -> due ms, pending and retrying events) and the
+-- ready set (integration -> the earliest ms it may have an attempt to claim). `schedule` adds due
+-- entries per integration (one ZADD each) and moves the integration's ready time earlier where
+-- needed; `ring` then wakes a waiting worker, once per script, when any ready time moved earlier
+-- (a worker waits until the earliest ready time, or for the bell).
+local function due_key(integ) return P .. ':due:' .. integ end
+local function schedule(dues)
+  local earlier = false
+  for integ, list in pairs(dues) do
+    redis.call('ZADD', due_key(integ), unpack(list))
+    local first = list[1]
+    for j = 3, #list, 2 do if tonumber(list[j]) < tonumber(first) then first = list[j] end end
+    if redis.call('ZADD', P .. ':ready', 'LT', 'CH', first, integ) > 0 then earlier = true end
+  end
+  return earlier
+end
+local function ring()
+  if redis.call('RPUSH', P .. ':bell', 1) > 16 then redis.call('LTRIM', P .. ':bell', -16, -1) end
+end
 -- An integration holds events while it is paused, and while it drains what it held (they wait
 -- behind the held ones, so arrival order is kept). `draining` is set by a resume that leaves held
 -- events and by each drain batch, and stays set until the drain finds nothing left to take (the
@@ -194,10 +230,11 @@ end
 local function health_load(H, integ)
   local h = H[integ]
   if h then return h end
-  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms', 'draining')
+  local f = redis.call('HMGET', int(integ), 'state', 'fails', 'w50', 'w90', 'last_success_ms', 'draining',
+                       'capped')
   local fails = tonumber(f[2] or 0)
   h = {state = f[1] or 'active', fails = fails, fails0 = fails, set = {}, success = tonumber(f[5] or 0),
-       draining = f[6] ~= false,
+       draining = f[6] ~= false, capped = f[7] ~= false,
        w50 = f[3] ~= false, w90 = f[4] ~= false, had50 = f[3] ~= false, had90 = f[4] ~= false}
   H[integ] = h
   return h
@@ -336,8 +373,7 @@ for k = 1, count do
       group(indexed, st(integ, 'held'), held_score(integ), id)
     else
       redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
-      due[#due + 1] = now
-      due[#due + 1] = id
+      group(due, integ, now, id)
       group(indexed, st(integ, 'pending'), now, id)
     end
     out[#out + 1] = id
@@ -345,65 +381,170 @@ for k = 1, count do
   end
 end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
-if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+if schedule(due) then ring() end
 flush('ZADD', indexed)
 for integ, n in pairs(accepted) do redis.call('HINCRBY', P .. ':m:accepted', integ, n) end
 return out
 """
 )
 
-# ARGV: prefix, now, limit, leases (JSON object: integration -> lease ms), default lease ms.
-# Takes up to `limit` due events off the schedule, oldest due first, and moves each to in_flight
-# under a lease a few seconds longer than its integration's timeout; an event whose integration
-# holds (paused, or still draining what it held) goes to held instead, in arrival order, and an
-# entry whose event is no longer pending or retrying (replayed, finished) is dropped.
-# Returns a flat list of id, attempt, integration, received ms, request blob per event taken.
+# ARGV: prefix, now, limit, policies (JSON object: integration -> [lease ms, max in flight, rate
+# per s (0: none), burst, 1 if ordered]), the policy of any other integration (JSON list).
+# Takes up to `limit` due attempts and moves each to in_flight under its integration's lease. The
+# integrations whose ready time has come share the batch: each gets an equal share first (in the
+# order they became ready), then what the others left; none gets more than its `max_in_flight`
+# less what it has in flight (across all workers: the in_flight index), more than its rate allows
+# (a GCRA bucket kept in its hash as `tat`), or anything while it waits for a Retry-After
+# (`wait_until`). An ordered integration sends one attempt at a time, its oldest pending or
+# retrying event first, once that one is due. An integration that reached its cap leaves the ready
+# set and is marked `capped`; FINISH_MANY puts it back when one of its attempts ends. The due
+# events of an integration that holds (paused, or draining) go to held instead, in arrival order.
+# Returns the earliest ready time left (or 0 when none), then id, attempt, integration, received
+# ms, request blob, due ms per event taken.
 CLAIM_DUE = (
     _PRELUDE
     + """
 local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-local leases, default_lease = cjson.decode(ARGV[4]), tonumber(ARGV[5])
-local due = P .. ':due'
--- The first `limit` entries due are the lowest ranks, so one ZREMRANGEBYRANK takes them all off.
-local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)
-if #ids == 0 then return {} end
-redis.call('ZREMRANGEBYRANK', due, 0, #ids - 1)
-local out, blobs, removed, added, leased, holding = {}, {}, {}, {}, {}, {}
-for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
-  local s, integ = f[1], f[3]
-  if s == 'pending' or s == 'retrying' then
-    if holding[integ] == nil then holding[integ] = holds(integ) end
-    group(removed, st(integ, s), id)
-    if holding[integ] then
-      redis.call('HSET', ev(id), 's', 'held')
-      group(added, st(integ, 'held'), f[4], id)
-    else
-      redis.call('HSET', ev(id), 's', 'in_flight')
-      group(added, st(integ, 'in_flight'), f[4], id)
-      leased[#leased + 1] = now + (leases[integ] or default_lease)
-      leased[#leased + 1] = id
-      blobs[#blobs + 1] = rq(id)
-      out[#out + 1] = id
-      out[#out + 1] = f[2]
-      out[#out + 1] = integ
-      out[#out + 1] = f[4]
+local policies, default = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
+local ready = P .. ':ready'
+local names = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, 64)
+local out, blobs, removed, added, leased, claimed = {}, {}, {}, {}, {}, {}
+local left = limit
+-- Takes up to `want` due events of one integration; returns how many it took.
+local function take(integ, want, pol)
+  local key = due_key(integ)
+  local h = redis.call('HMGET', int(integ), 'state', 'draining', 'wait_until', 'tat')
+  local holding = h[1] == 'paused' or h[2] ~= false
+  local wait_until = tonumber(h[3] or 0)
+  if not holding and wait_until > now then
+    redis.call('ZADD', ready, wait_until, integ)
+    return 0
+  end
+  local ids
+  local next_at = nil
+  if holding then
+    ids = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, left)
+  else
+    -- in flight across all workers, with what this call took (the index is written at the end)
+    local busy = redis.call('ZCARD', st(integ, 'in_flight')) + (claimed[integ] or 0)
+    local room = math.min(want, tonumber(pol[2]) - busy)
+    if pol[5] == 1 then room = math.min(room, 1 - busy) end
+    if room <= 0 then
+      redis.call('HSET', int(integ), 'capped', 1)
+      redis.call('ZREM', ready, integ)
+      return 0
     end
+    local rate, tat, interval, tolerance = tonumber(pol[3]), 0, 0, 0
+    if rate > 0 then
+      interval = 1000 / rate
+      tolerance = (tonumber(pol[4]) - 1) * interval
+      tat = math.max(tonumber(h[4] or 0), now)
+      local tokens = math.floor((tolerance - (tat - now)) / interval) + 1
+      if tokens <= 0 then
+        redis.call('ZADD', ready, tat - tolerance, integ)
+        return 0
+      end
+      room = math.min(room, tokens)
+    end
+    if pol[5] == 1 then
+      -- the oldest pending or retrying event, by arrival, and only once it is due
+      local a = redis.call('ZRANGE', st(integ, 'pending'), 0, 0, 'WITHSCORES')
+      local b = redis.call('ZRANGE', st(integ, 'retrying'), 0, 0, 'WITHSCORES')
+      local head = a[1]
+      if b[1] and (not a[1] or tonumber(b[2]) < tonumber(a[2]) or (b[2] == a[2] and b[1] < a[1])) then
+        head = b[1]
+      end
+      local due = head and redis.call('ZSCORE', key, head)
+      if not due then
+        redis.call('ZREM', ready, integ)
+        return 0
+      end
+      if tonumber(due) > now then
+        redis.call('ZADD', ready, due, integ)
+        return 0
+      end
+      ids = {head}
+      redis.call('ZREM', key, head)
+    else
+      ids = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, room)
+      if #ids > 0 then redis.call('ZREMRANGEBYRANK', key, 0, #ids - 1) end
+    end
+    if rate > 0 and #ids > 0 then
+      tat = tat + #ids * interval
+      redis.call('HSET', int(integ), 'tat', string.format('%.3f', tat))
+      if #ids == room then next_at = tat - tolerance end
+    end
+  end
+  if holding and #ids > 0 then redis.call('ZREMRANGEBYRANK', key, 0, #ids - 1) end
+  local taken = 0
+  for _, id in ipairs(ids) do
+    local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't', 'd')
+    local s = f[1]
+    if s == 'pending' or s == 'retrying' then
+      group(removed, st(integ, s), id)
+      if holding then
+        redis.call('HSET', ev(id), 's', 'held')
+        group(added, st(integ, 'held'), f[4], id)
+      else
+        redis.call('HSET', ev(id), 's', 'in_flight')
+        group(added, st(integ, 'in_flight'), f[4], id)
+        leased[#leased + 1] = now + tonumber(pol[1])
+        leased[#leased + 1] = id
+        blobs[#blobs + 1] = rq(id)
+        out[#out + 1] = id
+        out[#out + 1] = f[2]
+        out[#out + 1] = integ
+        out[#out + 1] = f[4]
+        out[#out + 1] = f[5]
+        taken = taken + 1
+      end
+    end
+  end
+  claimed[integ] = (claimed[integ] or 0) + taken
+  -- the integration's next ready time: its next due event, or its next token
+  if pol[5] ~= 1 or holding then
+    local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #head == 0 then
+      redis.call('ZREM', ready, integ)
+    else
+      redis.call('ZADD', ready, math.max(tonumber(head[2]), next_at or 0), integ)
+    end
+  elseif taken > 0 then
+    redis.call('HSET', int(integ), 'capped', 1)
+    redis.call('ZREM', ready, integ)
+  end
+  return taken
+end
+-- An equal share each first, then what the others left, to those that had more.
+local hungry = {}
+if #names > 0 then
+  local share = math.max(1, math.ceil(limit / #names))
+  for _, integ in ipairs(names) do
+    if left <= 0 then break end
+    local want = math.min(share, left)
+    local got = take(integ, want, policies[integ] or default)
+    left = left - got
+    if got == want then hungry[#hungry + 1] = integ end
+  end
+  for _, integ in ipairs(hungry) do
+    if left <= 0 then break end
+    left = left - take(integ, left, policies[integ] or default)
   end
 end
 flush('ZREM', removed)
 flush('ZADD', added)
+local with = {}
+local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+with[1] = first[2] or 0
 if #blobs > 0 then
   redis.call('ZADD', P .. ':lease', unpack(leased))
   local got = redis.call('MGET', unpack(blobs))
-  local with = {}
   for k = 1, #blobs do
-    for j = 1, 4 do with[#with + 1] = out[(k - 1) * 4 + j] end
+    for j = 1, 5 do with[#with + 1] = out[(k - 1) * 5 + j] end
     with[#with + 1] = got[k]
   end
-  out = with
 end
-return out
+return with
 """
 )
 
@@ -412,7 +553,9 @@ return out
 #   lease may be finished (the reconciler), health ("S" a success, "F" a failure that counts, "-"
 #   neither: a lost worker), failure threshold, last error, first probe cool-down s, where a retry
 #   waits ("retrying": scheduled; "held": a drained event keeps its place), latency bucket index
-#   ("" when nothing was sent), latency s].
+#   ("" when nothing was sent), latency s, bucket index of the time from due to claim ("" none),
+#   that time in s, ms until which the endpoint asked the whole integration to wait (429/503 with
+#   Retry-After; "0": no such ask), and why].
 # Finishes attempts in order, each as FINISH of one would: records the attempt, moves the event on,
 # counts the integration's consecutive failures and pauses it at the threshold; a retry of a paused
 # integration is held instead of scheduled. The integration's health is read once per integration
@@ -426,6 +569,7 @@ local now = tonumber(ARGV[2])
 local items = cjson.decode(ARGV[3])
 local health, out = {}, {}
 local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, {}, {}, {}, {}
+local waited, waited_sum = {}, {}
 for k, item in ipairs(items) do
   local id, n, outcome = item[1], item[2], item[3]
   local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
@@ -454,6 +598,16 @@ for k, item in ipairs(items) do
       tally(latency, integ .. '|' .. item[11])
       tally(latency_sum, integ, tonumber(item[12]))
     end
+    if item[13] ~= '' then
+      tally(waited, integ .. '|' .. item[13])
+      tally(waited_sum, integ, tonumber(item[14]))
+    end
+    local hold_until = tonumber(item[15])
+    if hold_until > now then
+      -- the endpoint asked for time (429/503 with Retry-After): the whole integration waits
+      h.set.wait_until, h.set.wait_reason = hold_until, item[16]
+      h.wait_until = math.max(h.wait_until or 0, hold_until)
+    end
     redis.call('RPUSH', at(id), ARGV[3 + k])
     leases[#leases + 1] = id
     local score = f[4]
@@ -466,8 +620,7 @@ for k, item in ipairs(items) do
     local nn = tostring(tonumber(n) + 1)
     if outcome == 'retrying' then
       redis.call('HSET', ev(id), 's', 'retrying', 'n', nn, 'd', item[4])
-      due[#due + 1] = item[4]
-      due[#due + 1] = id
+      group(due, integ, item[4], id)
     elseif outcome == 'held' then
       redis.call('HSET', ev(id), 's', 'held', 'n', nn, 'd', now)
     else
@@ -479,8 +632,20 @@ end
 if #leases > 0 then redis.call('ZREM', P .. ':lease', unpack(leases)) end
 flush('ZREM', removed)
 flush('ZADD', added)
-if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+local earlier = schedule(due)
+for integ, h in pairs(health) do
+  if h.wait_until then
+    redis.call('ZADD', P .. ':ready', h.wait_until, integ)
+  elseif h.capped then
+    -- a slot of an integration at its cap is free again
+    redis.call('HDEL', int(integ), 'capped')
+    if redis.call('ZADD', P .. ':ready', 'LT', 'CH', now, integ) > 0 then earlier = true end
+  end
+end
+if earlier then ring() end
 health_write(health)
+tally_write(P .. ':m:wait', waited)
+tally_write(P .. ':m:wait_sum', waited_sum, true)
 tally_write(P .. ':m:attempts', attempts)
 tally_write(P .. ':m:latency', latency)
 tally_write(P .. ':m:latency_sum', latency_sum, true)
@@ -529,8 +694,7 @@ for k, item in ipairs(items) do
   end
   if state == 'retrying' then
     redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', item[5])
-    due[#due + 1] = item[5]
-    due[#due + 1] = id
+    group(due, integ, item[5], id)
   else
     redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', now)
   end
@@ -561,7 +725,7 @@ for k, item in ipairs(items) do
 end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
 flush('ZADD', added)
-if #due > 0 then redis.call('ZADD', P .. ':due', unpack(due)) end
+if schedule(due) then ring() end
 health_write(health)
 tally_write(P .. ':m:attempts', attempts)
 tally_write(P .. ':m:latency', latency)
@@ -752,7 +916,7 @@ if holds(integ) then
 end
 redis.call('HSET', ev(id), 's', 'pending', 'n', nn, 'd', now)
 redis.call('ZADD', st(integ, 'pending'), f[4], id)
-redis.call('ZADD', P .. ':due', now, id)
+if schedule({[integ] = {now, id}}) then ring() end
 return 'pending'
 """
 )

@@ -8,6 +8,7 @@ NAME; a variable that is not set is an error, so a secret never silently becomes
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -53,6 +54,10 @@ class RetryPolicy(_Model):
 
 
 HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# Attempts of one integration in flight at once, across all workers, unless set: a hanging endpoint
+# then holds at most this many of the workers' slots (a worker has `concurrency`, 100 by default),
+# and one endpoint alone still gets the throughput measured in benchmarks/delivery.py.
+DEFAULT_MAX_IN_FLIGHT = 32
 DEFAULT_TIMEOUT_S = {"relay": 10.0, "proxy": 5.0}
 
 
@@ -95,6 +100,11 @@ class Integration(_Model):
     headers: dict[str, SecretStr] = {}
     retry: RetryPolicy = RetryPolicy()
     proxy: ProxyPolicy = ProxyPolicy()
+    # Scheduling, enforced where attempts are claimed (in Redis, across all workers).
+    max_in_flight: Annotated[int, Field(ge=1, le=100000)] = DEFAULT_MAX_IN_FLIGHT
+    rate_limit_per_s: Annotated[float, Field(gt=0, le=100000)] | None = None
+    rate_limit_burst: Annotated[int, Field(ge=1, le=100000)] | None = None
+    ordered: bool = False  # one attempt at a time, in arrival order
 
     @model_validator(mode="before")
     @classmethod
@@ -114,7 +124,21 @@ class Integration(_Model):
     def _cooldowns(self) -> Integration:
         if self.probe_cooldown_max_s < self.probe_cooldown_s:
             raise ValueError("probe_cooldown_max_s must not be smaller than probe_cooldown_s")
+        if self.rate_limit_burst is not None and self.rate_limit_per_s is None:
+            raise ValueError("rate_limit_burst needs rate_limit_per_s")
         return self
+
+    @property
+    def burst(self) -> int:
+        """Rate tokens available at once: `rate_limit_burst`, else one second's worth (at least 1)."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, math.ceil(self.rate_limit_per_s or 1))
+
+    @property
+    def slots(self) -> int:
+        """Attempts it may have in flight at once: one when ordered."""
+        return 1 if self.ordered else self.max_in_flight
 
     @property
     def internal(self) -> bool:
@@ -226,6 +250,10 @@ class Config(_Model):
                 headers={},
                 retry=RetryPolicy(max_attempts=10, backoff_base_s=1, backoff_max_s=300, max_age_s=86400),
                 proxy=ProxyPolicy(),
+                max_in_flight=DEFAULT_MAX_IN_FLIGHT,
+                rate_limit_per_s=None,
+                rate_limit_burst=None,
+                ordered=False,
             )
             for n, alert in enumerate(self.alerts)
         ]

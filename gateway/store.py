@@ -111,6 +111,7 @@ class Claimed:
     integration: str
     received_ms: int
     request_blob: bytes
+    due_ms: int = 0  # when it came due: the claim's wait is measured from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,9 @@ class Finish:
     due_ms: int = 0  # when a retry is due
     only_if_lease_expired: bool = False  # the reconciler: never finish a live attempt
     retry_state: EventState = EventState.RETRYING  # HELD: a drained event keeps its place
+    waited_s: float | None = None  # from due to claim (None: not claimed from the schedule)
+    hold_until_ms: int = 0  # the endpoint asked the whole integration to wait until then
+    hold_reason: str = ""
 
     def item(self) -> list[str | int | float]:
         return [
@@ -139,6 +143,10 @@ class Finish:
             self.health.cooldown_s,
             self.retry_state.value,
             *latency_fields(self.record),
+            "" if self.waited_s is None else str(bisect.bisect_left(LATENCY_BUCKETS, self.waited_s)),
+            "" if self.waited_s is None else f"{self.waited_s:.6f}",
+            str(self.hold_until_ms),
+            self.hold_reason,
         ]
 
 
@@ -248,14 +256,37 @@ class Store:
         flat = await self._accept(args=args)
         return [(flat[i].decode(), flat[i + 1] == 1) for i in range(0, len(flat), 2)]
 
-    async def claim_due(self, limit: int, leases_ms: bytes, default_lease_ms: int) -> list[Claimed]:
-        """Up to `limit` due attempts, now in flight; `leases_ms` is a JSON object of integration ->
-        lease ms (the default for any other)."""
-        flat = await self._claim_due(args=[self.keys.prefix, now_ms(), limit, leases_ms, default_lease_ms])
-        return [
-            Claimed(flat[i].decode(), int(flat[i + 1]), flat[i + 2].decode(), int(flat[i + 3]), flat[i + 4])
-            for i in range(0, len(flat), 5)
+    async def claim_due(self, limit: int, policies: bytes, default: bytes) -> tuple[list[Claimed], int]:
+        """Up to `limit` due attempts, now in flight, shared between the integrations that have
+        some, within each one's limits; and the earliest ms at which more may be due (0: nothing
+        is scheduled). `policies` is a JSON object of integration -> [lease ms, max in flight,
+        rate per s (0: none), burst, 1 if ordered]; `default` that list for any other."""
+        flat = await self._claim_due(args=[self.keys.prefix, now_ms(), limit, policies, default])
+        claimed = [
+            Claimed(
+                flat[i].decode(),
+                int(flat[i + 1]),
+                flat[i + 2].decode(),
+                int(flat[i + 3]),
+                flat[i + 5],
+                int(float(flat[i + 4])),
+            )
+            for i in range(1, len(flat), 6)
         ]
+        return claimed, int(float(flat[0]))
+
+    async def wait_for_bell(self, timeout_s: float) -> bool:
+        """Waits until a script rings the bell (something became due sooner), at most `timeout_s`."""
+        # Redis takes a fractional timeout (redis-py's annotation says int); 0 would block forever.
+        got = await self.redis.blpop([self.keys.bell], timeout=max(0.001, timeout_s))  # type: ignore[arg-type, misc]
+        return got is not None
+
+    async def scheduled(self, integrations: Sequence[str]) -> int:
+        """Attempts scheduled (due now or later) over these integrations."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in integrations:
+                pipe.zcard(self.keys.due(name))
+            return sum(await pipe.execute())
 
     async def finish_many(self, items: Sequence[Finish]) -> list[Finished | None]:
         """Records attempts and moves their events on, in one atomic script; None for an attempt

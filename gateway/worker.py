@@ -45,11 +45,13 @@ from gateway.delivery import (
 from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
-from gateway.settings import Config, Integration, RetryPolicy, Settings
+from gateway.settings import DEFAULT_MAX_IN_FLIGHT, Config, Integration, RetryPolicy, Settings
 from gateway.store import HEARTBEAT_S, Batcher, Claimed, Finish, Finished, Store, health_of
 
 log = logging.getLogger("gateway.worker")
 
+# Answers whose Retry-After holds the whole integration, not only the event that got it.
+BACKPRESSURE = frozenset({429, 503})
 VERDICT_STATE = {
     Verdict.DELIVERED: EventState.DELIVERED,
     Verdict.RETRY: EventState.RETRYING,
@@ -57,6 +59,9 @@ VERDICT_STATE = {
 }
 DAY_MS = 86_400_000
 MAX_CLAIM = 256  # due attempts taken in one call
+# The longest an idle pump waits on the bell: a bound for what it might miss (it misses nothing:
+# every script that makes an attempt due sooner rings it).
+IDLE_WAIT_S = 5.0
 FINISH_TIMEOUT_S = 10.0  # a recording that takes longer fails; the lease then brings the attempt back
 # How long an attempt's record waits for others to share its script call. The endpoint already has
 # the request, so this delays only the record (by less than the lease margin), not the delivery;
@@ -129,7 +134,8 @@ class Deliverer:
                 )
             raise
         sent()
-        await self.record(event_id, attempt, name, result, verdict, wait_s, started_ms)
+        waited_s = max(0.0, (started_ms - claimed.due_ms) / 1000) if claimed.due_ms else None
+        await self.record(event_id, attempt, name, result, verdict, wait_s, started_ms, waited_s=waited_s)
 
     async def attempt(
         self, event_id: str, attempt: int, name: str, received_ms: int, blob: bytes
@@ -163,10 +169,18 @@ class Deliverer:
         *,
         only_if_lease_expired: bool = False,
         retry_state: EventState = EventState.RETRYING,
+        waited_s: float | None = None,
     ) -> Finish:
         """How an attempt ended, as FINISH_MANY records it: its attempt record, what it says about
-        its integration's health, and when a retry is due."""
+        its integration's health, when a retry is due, and whether the endpoint asked the whole
+        integration to wait (a 429 or 503 with Retry-After)."""
         state = VERDICT_STATE[verdict]
+        configured = self._config.integration(integration)
+        hold_until, reason = 0, ""
+        if result.status in BACKPRESSURE and result.retry_after_s is not None and configured is not None:
+            wait = min(result.retry_after_s, configured.retry.backoff_max_s)
+            hold_until = now_ms() + int(wait * 1000)
+            reason = f"HTTP {result.status} with Retry-After: {wait:g} s"
         record = AttemptRecord(
             n=attempt,
             at_ms=started_ms,
@@ -184,10 +198,13 @@ class Deliverer:
             attempt,
             state,
             record,
-            health_of(self._config.integration(integration), result),
+            health_of(configured, result),
             due_ms=now_ms() + int(wait_s * 1000),
             only_if_lease_expired=only_if_lease_expired,
             retry_state=retry_state,
+            waited_s=waited_s,
+            hold_until_ms=hold_until,
+            hold_reason=reason,
         )
 
     async def record(
@@ -202,6 +219,7 @@ class Deliverer:
         *,
         only_if_lease_expired: bool = False,
         retry_state: EventState = EventState.RETRYING,
+        waited_s: float | None = None,
     ) -> Finished | None:
         item = self.finish_item(
             event_id,
@@ -213,9 +231,17 @@ class Deliverer:
             wait_s,
             only_if_lease_expired=only_if_lease_expired,
             retry_state=retry_state,
+            waited_s=waited_s,
         )
         finished = await self._finisher.submit(item)
         log_attempt(logging.INFO, event_id, attempt, integration, result, finished)
+        if finished and item.hold_until_ms:
+            log.info(
+                "integration %s waits: its endpoint answered %s",
+                integration,
+                item.hold_reason,
+                extra={"integration": integration},
+            )
         if finished and finished.signals:
             await self._alerts.crossed(integration, finished, item.health.last_error)
         return finished
@@ -248,13 +274,23 @@ class Deliverer:
         return results
 
 
+def _policy(lease_ms: int, integration: Integration) -> list[int | float]:
+    """An integration's limits as CLAIM_DUE reads them."""
+    rate = integration.rate_limit_per_s or 0
+    return [lease_ms, integration.slots, rate, integration.burst, 1 if integration.ordered else 0]
+
+
 class Pump:
     """Takes due attempts off the schedule in batches and sends them, up to `concurrency` at once.
 
     A slot is taken while an attempt's HTTP request is out and freed as soon as it has ended (its
     record is then written with others). While the worker is busy it waits until a quarter of its
-    slots are free before it takes more, so that a call takes a batch rather than one event; when
-    fewer events were due than it asked for, it looks again after `poll_delay_s`.
+    slots are free before it takes more, so that a call takes a batch rather than one event. The
+    claim shares a batch between the integrations with due attempts, each within its own
+    `max_in_flight` and rate (see CLAIM_DUE), so a hanging endpoint holds at most its own share.
+    When less was due than it asked for, the pump waits on Redis (BLPOP on the bell that accepting,
+    retrying and replaying ring) until the earliest ready time, instead of polling: an idle worker
+    costs Redis about one command a second, and a new event starts at once.
     """
 
     def __init__(self, settings: Settings, store: Store, deliverer: Deliverer) -> None:
@@ -265,8 +301,8 @@ class Pump:
         self._floor = max(1, self._capacity // 4)
         self._poll_s = config.worker.poll_delay_s
         integrations = [*config.integrations, *config.alert_sinks]
-        self._leases = orjson.dumps({i.name: deliverer.lease_ms(i) for i in integrations})
-        self._default_lease_ms = deliverer.lease_ms(None)
+        self._policies = orjson.dumps({i.name: _policy(deliverer.lease_ms(i), i) for i in integrations})
+        self._default = orjson.dumps([deliverer.lease_ms(None), DEFAULT_MAX_IN_FLIGHT, 0, 1, 0])
         self._sending: set[asyncio.Task[None]] = set()  # HTTP request out: holds a slot
         self._tasks: set[asyncio.Task[None]] = set()  # sending or recording
         self._room = asyncio.Event()
@@ -281,17 +317,25 @@ class Pump:
                     continue
                 limit = min(free, MAX_CLAIM)
                 try:
-                    claimed = await self._store.claim_due(limit, self._leases, self._default_lease_ms)
+                    claimed, next_ms = await self._store.claim_due(limit, self._policies, self._default)
+                    for attempt in claimed:
+                        self._start(attempt)
+                    if len(claimed) < limit:
+                        await self._idle(next_ms, took=bool(claimed))
                 except (RedisError, OSError) as exc:
                     log.warning("pump: Redis unavailable (%s); trying again in 1 s", exc)
                     await asyncio.sleep(1)
-                    continue
-                for attempt in claimed:
-                    self._start(attempt)
-                if len(claimed) < limit:
-                    await asyncio.sleep(self._poll_s)
         finally:
             await self.stop()
+
+    async def _idle(self, next_ms: int, *, took: bool) -> None:
+        """Waits for the bell, or until the earliest ready time (`next_ms`, 0: none)."""
+        wait_s = IDLE_WAIT_S if next_ms == 0 else min(IDLE_WAIT_S, (next_ms - now_ms()) / 1000)
+        if wait_s <= 0:
+            if took:
+                return  # more may be due at once
+            wait_s = self._poll_s  # ready, yet nothing could be taken: do not spin
+        await self._store.wait_for_bell(wait_s)
 
     def _start(self, attempt: Claimed) -> None:
         task: asyncio.Task[None] = asyncio.create_task(

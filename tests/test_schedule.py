@@ -13,9 +13,16 @@ import redis
 from redis.asyncio import Redis
 
 from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
+from gateway.keys import Keys
 from gateway.store import NOT_COUNTED, Claimed, Finish, Health, NewEvent, Store
 
-LEASES = orjson.dumps({"crm": 4000})
+POLICIES = orjson.dumps({"crm": [4000, 100, 0, 1, 0]})  # lease ms, max in flight, rate, burst, ordered
+DEFAULT = orjson.dumps([9000, 32, 0, 1, 0])
+DUE = Keys("gw").due("crm")
+
+
+async def claim(store: Store, limit: int) -> list[Claimed]:
+    return (await store.claim_due(limit, POLICIES, DEFAULT))[0]
 
 
 def run(redis_url: str, body: Callable[[Store], Awaitable[Any]]) -> Any:
@@ -78,8 +85,8 @@ def hget(rdb: redis.Redis, key: str, field: str) -> bytes | None:
 def test_claim_due_takes_a_batch_in_due_order_and_leaves_the_rest(redis_url: str, rdb: redis.Redis) -> None:
     async def body(store: Store) -> tuple[list[str], list[Claimed], list[Claimed]]:
         ids = await accept(store, 5)
-        first = await store.claim_due(3, LEASES, 9000)
-        second = await store.claim_due(10, LEASES, 9000)
+        first = await claim(store, 3)
+        second = await claim(store, 10)
         return ids, first, second
 
     ids, first, second = run(redis_url, body)
@@ -88,7 +95,7 @@ def test_claim_due_takes_a_batch_in_due_order_and_leaves_the_rest(redis_url: str
     by_id = {c.event_id: c for c in first + second}
     assert all((c.attempt, c.integration) == (1, "crm") for c in by_id.values())
     assert [StoredRequest.unpack(by_id[i].request_blob).body for i in ids] == [b"0", b"1", b"2", b"3", b"4"]
-    assert rdb.zcard("gw:due") == 0
+    assert rdb.zcard(DUE) == 0
     assert sorted(zmembers(rdb, "gw:st:crm:in_flight")) == sorted(ids) and rdb.zcard("gw:st:crm:pending") == 0
     leases = dict(cast(list[tuple[bytes, float]], rdb.zrange("gw:lease", 0, -1, withscores=True)))
     assert all(now_ms() + 3000 < score <= now_ms() + 4000 for score in leases.values())
@@ -104,7 +111,7 @@ def test_finish_many_counts_failures_in_order_and_pauses_in_the_middle_of_a_batc
 
     async def body(store: Store) -> tuple[list[str], list[Any]]:
         await accept(store, 5)
-        claimed = await store.claim_due(10, LEASES, 9000)
+        claimed = await claim(store, 10)
         results = await store.finish_many([failed(c, 3, now_ms() + 60_000) for c in claimed])
         return [c.event_id for c in claimed], results
 
@@ -115,7 +122,7 @@ def test_finish_many_counts_failures_in_order_and_pauses_in_the_middle_of_a_batc
     assert [r.paused for r in results] == [False, False, True, True, True]
     health = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], rdb.hgetall("gw:int:crm")).items()}
     assert health["state"] == "paused" and health["fails"] == "5" and health["last_error"] == "HTTP 500"
-    assert sorted(zmembers(rdb, "gw:due")) == sorted(ids[:2])  # the retries before the pause
+    assert sorted(zmembers(rdb, DUE)) == sorted(ids[:2])  # the retries before the pause
     assert sorted(zmembers(rdb, "gw:st:crm:held")) == sorted(ids[2:])
     assert rdb.zcard("gw:lease") == 0 and rdb.zcard("gw:st:crm:in_flight") == 0
     assert hget(rdb, f"gw:ev:{ids[0]}", "n") == b"2"
@@ -132,7 +139,7 @@ def test_finish_many_is_fenced_per_item_and_a_success_resets_the_count(
 ) -> None:
     async def body(store: Store) -> tuple[list[str], list[Any], list[Any]]:
         await accept(store, 3)
-        a, b, c = await store.claim_due(10, LEASES, 9000)
+        a, b, c = await claim(store, 10)
         ids = [a.event_id, b.event_id, c.event_id]
         first = await store.finish_many([failed(a, 100), delivered(b)])
         # a again (already finished), b with a wrong attempt number, then c: only c counts.
@@ -155,20 +162,20 @@ def test_due_retries_wait_their_time_and_paused_integrations_hold_what_comes_due
 ) -> None:
     async def body(store: Store) -> tuple[list[str], list[Claimed], list[Claimed], list[Claimed]]:
         await accept(store, 2)
-        a, b = await store.claim_due(10, LEASES, 9000)
+        a, b = await claim(store, 10)
         ids = [a.event_id, b.event_id]
         await store.finish_many([failed(a, 100, now_ms() + 60_000), failed(b, 100, now_ms() - 1)])
-        retried = await store.claim_due(10, LEASES, 9000)  # only b is due
+        retried = await claim(store, 10)  # only b is due
         await store.finish_many([failed(retried[0], 100, now_ms() - 1)])
         await store.set_state("crm", "pause", manual=True)
-        held = await store.claim_due(10, LEASES, 9000)  # b is due again, but crm is paused
+        held = await claim(store, 10)  # b is due again, but crm is paused
         more = await accept(store, 1)
-        return ids + more, retried, held, await store.claim_due(10, LEASES, 9000)
+        return ids + more, retried, held, await claim(store, 10)
 
     ids, retried, held, after = run(redis_url, body)
     assert [(c.event_id, c.attempt) for c in retried] == [(ids[1], 2)]
     assert held == [] and after == []
-    assert zmembers(rdb, "gw:due") == [ids[0]]
+    assert zmembers(rdb, DUE) == [ids[0]]
     assert zmembers(rdb, "gw:st:crm:held") == [ids[1], ids[2]]
     assert hget(rdb, f"gw:ev:{ids[1]}", "s") == b"held"
 
@@ -176,7 +183,7 @@ def test_due_retries_wait_their_time_and_paused_integrations_hold_what_comes_due
 def test_the_reconciler_finishes_only_attempts_whose_lease_expired(redis_url: str, rdb: redis.Redis) -> None:
     async def body(store: Store) -> list[Any]:
         await accept(store, 2)
-        live, lost = await store.claim_due(10, LEASES, 9000)
+        live, lost = await claim(store, 10)
         await store.redis.zadd(store.keys.lease, {lost.event_id: now_ms() - 1})
 
         def expired(c: Claimed) -> Finish:
@@ -225,4 +232,4 @@ def test_drained_events_lost_with_their_worker_go_back_to_their_places(
     held, finished = run(redis_url, body)
     assert [f.state for f in finished] == [EventState.HELD, EventState.HELD]
     assert cast(list[tuple[bytes, float]], rdb.zrange("gw:st:crm:held", 0, -1, withscores=True)) == held
-    assert rdb.zcard("gw:due") == 0
+    assert rdb.zcard(DUE) == 0
