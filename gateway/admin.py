@@ -74,6 +74,7 @@ class Admin:
     async def describe(self, integration: Integration) -> dict[str, Any]:
         health = await self._store.health(integration.name)
         paused = health.get("state") == "paused"
+        waiting_until = _int(health.get("wait_until")) or 0
         cache = None
         if integration.mode == "proxy":
             ((copies, size),) = await self._store.copies([integration.name])
@@ -96,6 +97,12 @@ class Admin:
             if paused and integration.probe and health.get("manual") != "1"
             else None,
             "cache": cache,
+            "max_in_flight": integration.slots,
+            "rate_limit_per_s": integration.rate_limit_per_s,
+            "rate_limit_burst": integration.burst if integration.rate_limit_per_s is not None else None,
+            "ordered": integration.ordered,
+            "waiting_until_ms": waiting_until if waiting_until > now_ms() else None,
+            "wait_reason": health.get("wait_reason") if waiting_until > now_ms() else None,
         }
 
     async def list_integrations(self, request: Request) -> Response:

@@ -57,11 +57,26 @@ def _size(n: int) -> str:
 
 
 def print_integrations(items: list[dict[str, Any]]) -> None:
-    rows = [["NAME", "MODE", "STATE", "FAILURES", "HELD", "LAST ERROR"]]
+    rows = [["NAME", "MODE", "STATE", "FAILURES", "IN FLIGHT", "RATE", "HELD", "LAST ERROR"]]
     for i in items:
         state = i["state"] + (f" ({i['paused_by']})" if i.get("paused_by") else "")
+        if i.get("waiting_until_ms"):
+            state += f", waits until {_when(i['waiting_until_ms'])}: {i['wait_reason']}"
         failures = f"{i['consecutive_failures']}/{i['failure_threshold']}"
-        rows.append([i["name"], i["mode"], state, failures, str(i["held"]), i.get("last_error") or "-"])
+        in_flight = f"{i['counts']['in_flight']}/{i['max_in_flight']}" + (" ordered" if i["ordered"] else "")
+        rate = f"{i['rate_limit_per_s']:g}/s" if i.get("rate_limit_per_s") else "-"
+        rows.append(
+            [
+                i["name"],
+                i["mode"],
+                state,
+                failures,
+                in_flight,
+                rate,
+                str(i["held"]),
+                i.get("last_error") or "-",
+            ]
+        )
     table(rows)
 
 

@@ -45,6 +45,8 @@ METRIC_HASHES = (
     "proxy",
     "proxy_latency",
     "proxy_latency_sum",
+    "wait",
+    "wait_sum",
 )
 PROXY_CACHE = ("miss", "hit", "stale")
 
@@ -115,12 +117,22 @@ class Metrics:
                 for state in COUNTED_STATES:
                     pipe.zcard(keys.state_index(integration.name, state))
                 pipe.zrange(keys.state_index(integration.name, EventState.PENDING), 0, 0, withscores=True)
-                pipe.hmget(keys.integration(integration.name), ["state", "fails"])
+                pipe.hmget(keys.integration(integration.name), ["state", "fails", "wait_until"])
             replies: list[Any] = await pipe.execute()
         hashes = len(METRIC_HASHES)
-        accepted, attempts, latency, latency_sum, alerts, refused, proxy, proxy_latency, proxy_sum = (
-            _pairs(r) for r in replies[:hashes]
-        )
+        (
+            accepted,
+            attempts,
+            latency,
+            latency_sum,
+            alerts,
+            refused,
+            proxy,
+            proxy_latency,
+            proxy_sum,
+            wait,
+            wait_sum,
+        ) = (_pairs(r) for r in replies[:hashes])
         workers_f = GaugeMetricFamily("gateway_workers_live", "Workers with a heartbeat in the last 10 s.")
         workers_f.add_metric([], float(replies[hashes]))
         per_integration = replies[hashes + 1 :]
@@ -161,6 +173,27 @@ class Metrics:
         fails_f = GaugeMetricFamily(
             "gateway_consecutive_failures", "Consecutive failed attempts.", labels=["integration"]
         )
+        wait_f = HistogramMetricFamily(
+            "gateway_schedule_wait_seconds",
+            "Time from an attempt's due time to a worker taking it (waiting for a slot, a rate token, "
+            "a Retry-After, or a worker).",
+            labels=["integration"],
+        )
+        slots_f = GaugeMetricFamily(
+            "gateway_max_in_flight",
+            "Attempts the integration may have in flight at once.",
+            labels=["integration"],
+        )
+        rate_f = GaugeMetricFamily(
+            "gateway_rate_limit_per_second",
+            "The integration's rate limit, where one is set.",
+            labels=["integration"],
+        )
+        waiting_f = GaugeMetricFamily(
+            "gateway_integration_waiting_seconds",
+            "Seconds left of a Retry-After wait that holds every event of the integration (0: none).",
+            labels=["integration"],
+        )
         alerts_f = CounterMetricFamily("gateway_alerts_sent", "Alerts sent, by kind.", labels=["kind"])
         refused_f = CounterMetricFamily(
             "gateway_inbound_refused", "Helpdesk requests refused, by HTTP status.", labels=["reason"]
@@ -183,9 +216,14 @@ class Metrics:
                 events_f.add_metric([name, state.value], float(count))
             oldest = chunk[len(COUNTED_STATES)]
             oldest_f.add_metric([name], max(0.0, (now - oldest[0][1]) / 1000) if oldest else 0.0)
-            state, fails = chunk[-1]
+            state, fails, wait_until = chunk[-1]
             paused_f.add_metric([name], 1.0 if state == b"paused" else 0.0)
             fails_f.add_metric([name], float(fails or 0))
+            waiting_f.add_metric([name], max(0.0, (float(wait_until or 0) - now) / 1000))
+            wait_f.add_metric([name], _buckets(wait, name), float(wait_sum.get(name, 0)))
+            slots_f.add_metric([name], float(integration.slots))
+            if integration.rate_limit_per_s is not None:
+                rate_f.add_metric([name], integration.rate_limit_per_s)
         for kind, n in sorted(alerts.items()):
             alerts_f.add_metric([kind], float(n))
         for reason, n in sorted(refused.items()):
@@ -200,6 +238,10 @@ class Metrics:
             oldest_f,
             paused_f,
             fails_f,
+            wait_f,
+            slots_f,
+            rate_f,
+            waiting_f,
             alerts_f,
             refused_f,
             workers_f,

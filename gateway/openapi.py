@@ -87,6 +87,14 @@ SCHEMAS: dict[str, Schema] = {
                     "description": "proxy mode: the last good answers kept (null in relay mode)",
                 }
             ),
+            "max_in_flight": {**COUNT, "description": "attempts in flight at once, across all workers"},
+            "rate_limit_per_s": _nullable({"type": "number"}),
+            "rate_limit_burst": _nullable(COUNT),
+            "ordered": {"type": "boolean"},
+            "waiting_until_ms": _nullable(
+                {**MS, "description": "the endpoint asked it to wait until then (429/503 with Retry-After)"}
+            ),
+            "wait_reason": _nullable(STRING),
         }
     ),
     "IntegrationList": _object({"items": {"type": "array", "items": _ref("Integration")}}),

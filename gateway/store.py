@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -273,13 +274,17 @@ class Store:
             )
             for i in range(1, len(flat), 6)
         ]
-        return claimed, int(float(flat[0]))
+        return claimed, math.ceil(float(flat[0]))
 
     async def wait_for_bell(self, timeout_s: float) -> bool:
         """Waits until a script rings the bell (something became due sooner), at most `timeout_s`."""
         # Redis takes a fractional timeout (redis-py's annotation says int); 0 would block forever.
         got = await self.redis.blpop([self.keys.bell], timeout=max(0.001, timeout_s))  # type: ignore[arg-type, misc]
         return got is not None
+
+    async def ring(self) -> None:
+        """Rings the bell: an idle worker wakes and looks for due attempts."""
+        await self.redis.rpush(self.keys.bell, 1)  # type: ignore[misc]
 
     async def scheduled(self, integrations: Sequence[str]) -> int:
         """Attempts scheduled (due now or later) over these integrations."""

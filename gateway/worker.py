@@ -62,6 +62,7 @@ MAX_CLAIM = 256  # due attempts taken in one call
 # The longest an idle pump waits on the bell: a bound for what it might miss (it misses nothing:
 # every script that makes an attempt due sooner rings it).
 IDLE_WAIT_S = 5.0
+LISTEN_S = 5.0  # one BLPOP on the bell
 FINISH_TIMEOUT_S = 10.0  # a recording that takes longer fails; the lease then brings the attempt back
 # How long an attempt's record waits for others to share its script call. The endpoint already has
 # the request, so this delays only the record (by less than the lease margin), not the delivery;
@@ -274,6 +275,49 @@ class Deliverer:
         return results
 
 
+class Bell:
+    """Wakes an idle pump when a script rings the bell (something became due sooner).
+
+    Redis checks a blocked command's timeout only about ten times a second (its `hz`), so a BLPOP
+    cannot time a wait for a retry or a rate token: the pump keeps its own timer, and one BLPOP at
+    a time listens for the bell meanwhile (a listener outlives a wait it did not end, and serves the
+    next). A ring that reaches this worker while it is busy is passed on, for an idle one.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._rung = asyncio.Event()
+        self._waiting = False
+        self._listener: asyncio.Task[None] | None = None
+
+    async def wait(self, timeout_s: float) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._rung.wait()
+        finally:
+            self._waiting = False
+            self._rung.clear()
+
+    async def _listen(self) -> None:
+        try:
+            if not await self._store.wait_for_bell(LISTEN_S):
+                return
+            if self._waiting:
+                self._rung.set()
+            else:
+                await self._store.ring()
+        except (RedisError, OSError) as exc:
+            log.debug("bell: Redis unavailable (%s)", exc)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+
+
 def _policy(lease_ms: int, integration: Integration) -> list[int | float]:
     """An integration's limits as CLAIM_DUE reads them."""
     rate = integration.rate_limit_per_s or 0
@@ -306,6 +350,8 @@ class Pump:
         self._sending: set[asyncio.Task[None]] = set()  # HTTP request out: holds a slot
         self._tasks: set[asyncio.Task[None]] = set()  # sending or recording
         self._room = asyncio.Event()
+        self._bell = Bell(store)
+        self._empty = 0  # claims in a row that took nothing though something was ready
 
     async def run_forever(self) -> None:
         try:
@@ -334,8 +380,12 @@ class Pump:
         if wait_s <= 0:
             if took:
                 return  # more may be due at once
-            wait_s = self._poll_s  # ready, yet nothing could be taken: do not spin
-        await self._store.wait_for_bell(wait_s)
+            # Ready, yet nothing could be taken (a clock a millisecond apart): never spin.
+            self._empty = min(self._empty + 1, 10)
+            wait_s = min(self._poll_s, 0.0005 * 2**self._empty)
+        else:
+            self._empty = 0
+        await self._bell.wait(wait_s)
 
     def _start(self, attempt: Claimed) -> None:
         task: asyncio.Task[None] = asyncio.create_task(
@@ -364,6 +414,7 @@ class Pump:
     async def stop(self) -> None:
         """Hands back the attempts being sent (each records itself as stopped), and waits for every
         record, those of attempts that ended included."""
+        self._bell.close()
         for task in self._sending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -49,6 +49,8 @@ class Upstream:
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.responder: Callable[[Received], Reply] | None = None
+        self.active = 0  # requests being answered now
+        self.max_active = 0  # the most answered at once
 
     @property
     def url(self) -> str:
@@ -76,10 +78,19 @@ class Upstream:
         )
         with self._lock:
             self.received.append(record)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
             if self.responder is not None:
                 reply = self.responder(record)
             else:
                 reply = self._replies[0] if len(self._replies) == 1 else self._replies.pop(0)
+        try:
+            return await self._reply(request, reply)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    async def _reply(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.hold is not None:
             hold = reply.hold
             await asyncio.get_running_loop().run_in_executor(None, hold.wait, 60)
