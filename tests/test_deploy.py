@@ -23,6 +23,7 @@ COUNTERS = {
     "gateway_attempts_total",
     "gateway_alerts_sent_total",
     "gateway_inbound_refused_total",
+    "gateway_proxy_answers_total",
 }
 GAUGES = {
     "gateway_events",
@@ -30,8 +31,15 @@ GAUGES = {
     "gateway_integration_paused",
     "gateway_consecutive_failures",
     "gateway_workers_live",
+    "gateway_max_in_flight",
+    "gateway_rate_limit_per_second",
+    "gateway_integration_waiting_seconds",
 }
-HISTOGRAMS = {"gateway_attempt_duration_seconds"}
+HISTOGRAMS = {
+    "gateway_attempt_duration_seconds",
+    "gateway_schedule_wait_seconds",
+    "gateway_proxy_duration_seconds",
+}
 EXPORTED = COUNTERS | GAUGES | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 METRIC = re.compile(r"\bgateway_[a-z_]+\b")
 

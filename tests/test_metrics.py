@@ -58,6 +58,11 @@ def test_metrics_equal_what_happened_across_two_workers(
     assert value(s, "gateway_attempts_total", integration="crm", outcome="retrying") == 0
     assert value(s, "gateway_attempt_duration_seconds_count", integration="crm") == 20
     assert value(s, "gateway_attempt_duration_seconds_bucket", integration="crm", le="+Inf") == 20
+    # each attempt taken off the schedule counts its wait from due to claim
+    assert value(s, "gateway_schedule_wait_seconds_count", integration="crm") == 20
+    assert 0 <= value(s, "gateway_schedule_wait_seconds_sum", integration="crm") < 20
+    assert value(s, "gateway_max_in_flight", integration="crm") == 32
+    assert value(s, "gateway_integration_waiting_seconds", integration="crm") == 0
     assert 0 < value(s, "gateway_attempt_duration_seconds_sum", integration="crm") < 20
     assert value(s, "gateway_events", integration="crm", state="pending") == 0
     assert value(s, "gateway_events", integration="bad", state="dead") == 3
