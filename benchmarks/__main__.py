@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark in one command, and one table where each figure stands beside
 its baseline measured in the same run and its target.
 
-    python3 -m benchmarks [--only ingest,delivery,latency,drain,proxy,soak] [--quick] [--write]
+    python3 -m benchmarks [--only ingest,delivery,latency,idle,fairness,drain,proxy,soak] [--quick] [--write]
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -13,6 +13,11 @@ this process, separate from the gateway's). The parts, each also runnable alone:
                                     Redis commands per delivered event
   latency   benchmarks/latency.py   end-to-end p50/p95/p99 at 50, 200 (20 s each) and 1000 events/s
                                     (60 s), backlog, Redis commands per delivered event
+  idle      benchmarks/idle.py      Redis commands/s of one idle worker (no traffic) / the API alone;
+                                    by loop (MONITOR)
+  fairness  benchmarks/fairness.py  a healthy integration's latency at 50 events/s beside one whose
+                                    endpoint hangs with 400 events / alone (two workers); the hanging
+                                    endpoint's most requests at once
   drain     benchmarks/drain.py     drain of 100,000 held events / a serial aiohttp loop; Redis
                                     memory per held event beyond its body
   proxy     benchmarks/proxy.py     proxy mode: latency added to a GET at 100 and 500/s (15 s each)
@@ -20,7 +25,7 @@ this process, separate from the gateway's). The parts, each also runnable alone:
                                     proxy, on a hit / a bare Starlette app
   soak      benchmarks/soak.py      RSS of the API and of a worker over 10 min at 200 events/s
 
-The full run takes about 20 minutes; `--quick` (small counts, short durations, a 1-minute soak)
+The full run takes about 22 minutes; `--quick` (small counts, short durations, a 1-minute soak)
 takes about 2 and is a smoke test of the whole suite, not a measurement. Each part prints its own
 detailed table as it ends; the suite's table comes last, then a machine line (collected from this
 machine: CPU model, vCPUs, RAM, kernel, Python, Redis and wrk versions). `--write` also puts both in
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import delivery, drain, ingest, latency, proxy, soak
+from benchmarks import delivery, drain, fairness, idle, ingest, latency, proxy, soak
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
 
 
@@ -66,6 +71,9 @@ PARTS: dict[str, Part] = {
     "delivery": Part(delivery.parser, delivery.run, ["--events", "30000"], ["--events", "2000"]),
     "latency": Part(latency.parser, latency.run, ["--rates", "50:20,200:20,1000:60"],
                     ["--rates", "50:5,200:5,1000:5", "--grace", "20"]),
+    "idle": Part(idle.parser, idle.run, [],
+                 ["--api-seconds", "2", "--settle", "2", "--seconds", "5", "--monitor-seconds", "3"]),
+    "fairness": Part(fairness.parser, fairness.run, [], ["--seconds", "3", "--warmup", "1", "--grace", "20"]),
     "drain": Part(drain.parser, drain.run, ["--events", "100000"], ["--events", "2000"]),
     "proxy": Part(proxy.parser, proxy.run, [],
                   ["--rate-seconds", "3", "--rounds", "1", "--seconds", "2", "--warmup", "1"]),
