@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.drain")
 
-CHECK_INTERVAL_S = 0.05
+# How often a worker looks for integrations to drain or probe: a drain starts this long after a
+# resume at most (one Redis command per check, whatever the number of integrations).
+CHECK_INTERVAL_S = 1.0
 MAX_BATCH = 64
 RECORD_GROUP = 16  # delivered attempts recorded per round trip during a drain
 
@@ -47,6 +49,7 @@ def batch_size(integration: Integration) -> int:
 class Drainer:
     def __init__(self, settings: Settings, store: Store, deliverer: Deliverer, alerts: Alerts) -> None:
         self._integrations = [i for i in settings.config.integrations if not i.internal]
+        self._by_name = {i.name: i for i in self._integrations}
         self._store = store
         self._deliverer = deliverer
         self._alerts = alerts
@@ -67,29 +70,23 @@ class Drainer:
                 task.cancel()
 
     async def run_once(self) -> None:
-        """Starts a drain or probe task for each integration that has held events and may send."""
+        """Starts a drain or probe task for each integration that is paused (a probe is due) or
+        drains what it held. Only those are read (P:attention), so an idle worker's check costs
+        Redis one command whatever the number of integrations."""
         if not self._integrations:
             return
-        async with self._store.redis.pipeline(transaction=False) as pipe:
-            for integration in self._integrations:
-                pipe.hmget(self._store.keys.integration(integration.name), ["state", "manual", "probe_ms"])
-                pipe.zcard(self._store.keys.state_index(integration.name, EventState.HELD))
-            replies = await pipe.execute()
         now = now_ms()
-        for integration, (health, held) in zip(
-            self._integrations, zip(replies[::2], replies[1::2], strict=True), strict=True
-        ):
-            state, manual, probe_ms = health
-            paused = state == b"paused"
-            # A paused proxy integration may hold nothing (reads are never held): its probe sends
-            # the last request that failed.
-            if not (held or (paused and integration.mode == "proxy")) or integration.name in self._running:
+        for name, paused, manual, probe_ms, draining in await self._store.attention():
+            integration = self._by_name.get(name)
+            if integration is None or name in self._running:
                 continue
-            if paused and (manual == b"1" or not integration.probe or int(probe_ms or 0) > now):
+            if paused and (manual or not integration.probe or probe_ms > now):
+                continue
+            if not paused and not draining:
                 continue
             task = asyncio.create_task(self._locked(integration, probe=paused))
-            self._running[integration.name] = task
-            task.add_done_callback(self._forget(integration.name))
+            self._running[name] = task
+            task.add_done_callback(self._forget(name))
 
     def _batch_lease_ms(self, integration: Integration) -> int:
         """The events of a batch are sent one after the other: the last one's lease (and the drain

@@ -32,6 +32,9 @@ Layout under a prefix P (default "gw"):
                                   attempt ends); tat (the rate limit's GCRA time, ms);
                                   wait_until / wait_reason (a Retry-After that holds every event)
     P:drain:{integration}  string the lock of the one worker draining or probing it
+    P:attention            set    integrations the drainer must look at: paused ones (to probe)
+                                  and resumed ones with held events (to drain); the drainer
+                                  forgets those that need neither
     P:replay:{id}          hash   a bulk replay: status, matched, replayed, skipped, created_ms, filter
     P:replay:{id}:ids      list   the ids it still has to replay (matched when it was asked for)
     P:replay:{id}:lock     string the lock of the one worker running it
@@ -106,6 +109,10 @@ class Keys:
 
     def integration(self, name: str) -> str:
         return f"{self.prefix}:int:{name}"
+
+    @property
+    def attention(self) -> str:
+        return f"{self.prefix}:attention"
 
     def drain_lock(self, name: str) -> str:
         return f"{self.prefix}:drain:{name}"
@@ -274,6 +281,7 @@ local function health_write(H)
     if h.w50 and not h.had50 then fields[#fields + 1] = 'w50'; fields[#fields + 1] = 1 end
     if h.w90 and not h.had90 then fields[#fields + 1] = 'w90'; fields[#fields + 1] = 1 end
     if #fields > 0 then redis.call('HSET', int(integ), unpack(fields)) end
+    if h.set.state == 'paused' then redis.call('SADD', P .. ':attention', integ) end
     local gone = {}
     if h.had50 and not h.w50 then gone[#gone + 1] = 'w50' end
     if h.had90 and not h.w90 then gone[#gone + 1] = 'w90' end
@@ -815,6 +823,7 @@ if ARGV[6] ~= '1' then
     redis.call('HSET', ik, 'draining', 1)
   else
     redis.call('HDEL', ik, 'draining')
+    redis.call('SREM', P .. ':attention', integ)
   end
 end
 return out
@@ -856,11 +865,15 @@ if ARGV[4] == 'pause' then
   if before ~= 'paused' or ARGV[5] == '1' then
     redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', ARGV[5])
   end
+  redis.call('SADD', P .. ':attention', integ)
 else
   redis.call('HSET', ik, 'state', 'active', 'fails', 0)
   redis.call('HDEL', ik, 'w50', 'w90', 'manual', 'probe_ms', 'cooldown_s', 'paused_ms')
   -- new events keep waiting behind the held ones until the drain has taken them all
-  if held > 0 then redis.call('HSET', ik, 'draining', 1) end
+  if held > 0 then
+    redis.call('HSET', ik, 'draining', 1)
+    redis.call('SADD', P .. ':attention', integ)
+  end
 end
 return {before, held}
 """
@@ -918,6 +931,25 @@ redis.call('HSET', ev(id), 's', 'pending', 'n', nn, 'd', now)
 redis.call('ZADD', st(integ, 'pending'), f[4], id)
 if schedule({[integ] = {now, id}}) then ring() end
 return 'pending'
+"""
+)
+
+# ARGV: prefix. The integrations in P:attention with what the drainer decides on: per
+# integration {name, state, manual, probe ms, "1" if draining}; those that are neither paused nor
+# draining leave the set (a resume whose drain ended, or a resume with nothing held).
+ATTENTION = (
+    _PRELUDE
+    + """
+local out = {}
+for _, integ in ipairs(redis.call('SMEMBERS', P .. ':attention')) do
+  local f = redis.call('HMGET', int(integ), 'state', 'manual', 'probe_ms', 'draining')
+  if f[1] ~= 'paused' and not f[4] then
+    redis.call('SREM', P .. ':attention', integ)
+  else
+    out[#out + 1] = {integ, f[1] or 'active', f[2] or '0', f[3] or '0', f[4] and '1' or '0'}
+  end
+end
+return out
 """
 )
 

@@ -205,6 +205,14 @@ class WorkerSection(_Model):
 class RetentionSection(_Model):
     delivered_days: Annotated[float, Field(gt=0)] = 7
     dead_days: Annotated[float, Field(gt=0)] = 30
+    every_s: Annotated[int, Field(ge=1, le=60)] = 60  # how often retention runs (one worker at a time)
+
+    @field_validator("every_s")
+    @classmethod
+    def _divides_a_minute(cls, every_s: int) -> int:
+        if 60 % every_s:
+            raise ValueError("every_s must divide 60 (retention runs at fixed seconds of each minute)")
+        return every_s
 
 
 class Config(_Model):

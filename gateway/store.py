@@ -235,6 +235,7 @@ class Store:
         self._trim = redis.register_script(keys.TRIM)
         self._unlock = redis.register_script(keys.UNLOCK)
         self._proxied = redis.register_script(keys.PROXIED)
+        self._attention = redis.register_script(keys.ATTENTION)
         self._proxy_view = redis.register_script(keys.PROXY_VIEW)
         self._copies = redis.register_script(keys.COPIES)
 
@@ -261,7 +262,8 @@ class Store:
         """Up to `limit` due attempts, now in flight, shared between the integrations that have
         some, within each one's limits; and the earliest ms at which more may be due (0: nothing
         is scheduled). `policies` is a JSON object of integration -> [lease ms, max in flight,
-        rate per s (0: none), burst, 1 if ordered]; `default` that list for any other."""
+        rate per s (0: none), burst, 1 if ordered]; `default` that list for any other. An attempt
+        counts against max_in_flight until it is recorded."""
         flat = await self._claim_due(args=[self.keys.prefix, now_ms(), limit, policies, default])
         claimed = [
             Claimed(
@@ -495,9 +497,21 @@ class Store:
         """Releases a lock if `owner` still holds it."""
         await self._unlock(keys=[key], args=[owner])
 
-    async def beat(self, worker_id: str) -> None:
-        """A worker's heartbeat; entries silent for an hour are dropped."""
+    async def attention(self) -> list[tuple[str, bool, bool, int, bool]]:
+        """The integrations the drainer must look at: (name, paused, paused by hand, next probe ms,
+        draining)."""
+        got = await self._attention(args=[self.keys.prefix])
+        return [
+            (name.decode(), state == b"paused", manual == b"1", int(probe), draining == b"1")
+            for name, state, manual, probe, draining in got
+        ]
+
+    async def beat(self, worker_id: str, *, forget_silent: bool = False) -> None:
+        """A worker's heartbeat; with `forget_silent`, entries silent for an hour are dropped too."""
         now = now_ms()
+        if not forget_silent:
+            await self.redis.zadd(self.keys.workers, {worker_id: now})
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers, {worker_id: now})
             pipe.zremrangebyscore(self.keys.workers, "-inf", now - 3_600_000)

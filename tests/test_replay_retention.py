@@ -114,7 +114,8 @@ def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
 def test_retention_removes_delivered_events_and_never_held_ones(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    retention = "[retention]\ndelivered_days = 0.00002\ndead_days = 0.00002\n"  # about 1.7 s
+    # about 1.7 s, and retention runs every 5 s
+    retention = "[retention]\ndelivered_days = 0.00002\ndead_days = 0.00002\nevery_s = 5\n"
     gateway.configure(integration_toml("crm", upstream.url, probe=False))
     gateway.config_path.write_text(gateway.config_path.read_text() + retention)
     gateway.start()
