@@ -19,9 +19,9 @@ and, later, ONE `python3 -m gateway worker`.
    weigh on it). Each command is put down to its process (the client's port, looked up among the
    sockets of the API and the worker in /proc) and to the loop that sends it, by command and key:
    the pump (CLAIM_DUE, whose commands run inside the script, and the BLPOP on the bell), the
-   drainer (HMGET of the integration's hash, ZCARD of its held index), the replay runner (SMEMBERS
-   of the running replays), the reconciler (expired leases), the heartbeat, arq (its queue, its
-   cron job, its health check). A command inside a script belongs to the EVALSHA before it (MONITOR
+   drainer (SCARD of the integrations that need it, the ATTENTION script when there are any), the
+   replay runner (SMEMBERS of the running replays), the reconciler (expired leases), the
+   heartbeat, arq (its queue, its cron job, its health check). A command inside a script belongs to the EVALSHA before it (MONITOR
    lists a script's commands right after its call).
 
 Exit status 1 only when a process of the stack exits during the run.
@@ -59,7 +59,7 @@ from benchmarks._common import (
 )
 
 AIM = 5.0  # Redis commands per second of an idle worker, at most
-RETENTION = "arq: retention cron job (every 10 s: enqueue, run, TRIM scripts)"
+RETENTION = "arq: retention cron job (every [retention] every_s, 60 s: enqueue, run, TRIM scripts)"
 
 
 @dataclass
@@ -136,21 +136,23 @@ def loop_of(command: str, args: list[str], script: str | None) -> str:
     if command in ("evalsha", "eval") or script is not None:
         if script == f"{p}:ready":
             return "pump: CLAIM_DUE script"
+        if script == f"{p}:attention":
+            return "drainer (every 1 s)"
         if script is not None and script.startswith(f"{p}:st:") and script.endswith(("delivered", "dead")):
             return RETENTION
         return f"script ({script})"
     if command == "blpop" and key == f"{p}:bell":
         return "pump: BLPOP on the bell"
-    if key.startswith(f"{p}:int:") or (command == "zcard" and key.endswith(":held")):
-        return "drainer (every 50 ms)"
+    if key == f"{p}:attention":
+        return "drainer (every 1 s)"
     if key == f"{p}:replays":
-        return "replay runner (every 0.2 s)"
+        return "replay runner (every 2 s)"
     if key == f"{p}:lease":
         return "reconciler (every reconcile_interval_s, 1 s)"
     if key == f"{p}:workers":
         return "heartbeat (every 2 s)"
     if command == "zrangebyscore" and key == f"{p}:queue":
-        return "arq: queue poll (every poll_delay, 1 s)"
+        return "arq: queue poll (every poll_delay, 2 s)"
     # arq's job transactions (the gateway's idle loops pipeline without MULTI)
     if key.startswith(("arq:", f"{p}:queue")) or command in ("multi", "exec", "watch"):
         return RETENTION
@@ -173,7 +175,9 @@ def monitor(port: int, seconds: float, pids: dict[str, int]) -> Monitored:
             owners.setdefault(client_port, "other")
         return owners[client_port]
 
-    r = redis.Redis(port=port, socket_timeout=1)
+    # an idle worker may be silent for seconds (its heartbeat comes every 2 s): a read that times out
+    # makes redis-py drop the connection, so the timeout is longer than any silence
+    r = redis.Redis(port=port, socket_timeout=10)
     # the commands inside a script come right after its EVALSHA: they are held until the next call
     group: list[tuple[str, list[str]]] = []
     caller = ""
@@ -197,7 +201,7 @@ def monitor(port: int, seconds: float, pids: dict[str, int]) -> Monitored:
             try:
                 raw = connection.read_response()
             except redis.TimeoutError:
-                continue
+                break
             text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             found = _LINE.match(text)
             if found is None:

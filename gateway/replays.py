@@ -28,7 +28,7 @@ log = logging.getLogger("gateway.replays")
 
 REPLAY_RATE_PER_S = 200
 BATCH = 20
-CHECK_INTERVAL_S = 1.0  # how often a worker looks for bulk replays to run (one Redis command)
+CHECK_INTERVAL_S = 2.0  # how often a worker looks for bulk replays to run (one Redis command)
 IDEMPOTENCY_TTL_S = 86400
 KEEP_DONE_S = 7 * 86400
 LOCK_MS = 30_000  # one worker runs a replay; its lock is renewed after each batch

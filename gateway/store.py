@@ -500,6 +500,8 @@ class Store:
     async def attention(self) -> list[tuple[str, bool, bool, int, bool]]:
         """The integrations the drainer must look at: (name, paused, paused by hand, next probe ms,
         draining)."""
+        if not await self.redis.scard(self.keys.attention):  # type: ignore[misc]
+            return []  # the usual answer, for one command instead of a script call
         got = await self._attention(args=[self.keys.prefix])
         return [
             (name.decode(), state == b"paused", manual == b"1", int(probe), draining == b"1")
