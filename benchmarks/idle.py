@@ -21,8 +21,8 @@ and, later, ONE `python3 -m gateway worker`.
    the pump (CLAIM_DUE, whose commands run inside the script, and the BLPOP on the bell), the
    drainer (SCARD of the integrations that need it, the ATTENTION script when there are any), the
    replay runner (SMEMBERS of the running replays), the reconciler (expired leases), the
-   heartbeat, arq (its queue, its cron job, its health check). A command inside a script belongs to the EVALSHA before it (MONITOR
-   lists a script's commands right after its call).
+   heartbeat, arq (its queue, its cron job, its health check). A command inside a script belongs
+   to the EVALSHA before it (MONITOR lists a script's commands right after its call).
 
 Exit status 1 only when a process of the stack exits during the run.
 """
