@@ -259,7 +259,9 @@ class Proxy:
         self._policy = AddressPolicy(config.gateway.allowed_networks)
         self._store_timeout_s = config.gateway.store_timeout_s
         self._session: aiohttp.ClientSession | None = None
-        self._calls: dict[str, asyncio.Future[Called]] = {}  # request key -> the call in flight
+        # (integration, request key) -> the call in flight: two integrations with the same target
+        # send different credentials, so they never share a call
+        self._calls: dict[tuple[str, str], asyncio.Future[Called]] = {}
         self._logger = LogWriter(store, alerts)
         self._queuer: Batcher[Proxied, Finished] = Batcher(store.proxied, self._store_timeout_s, _unstored)
         self._viewer: Batcher[tuple[str, str], tuple[bool, bytes | None]] = Batcher(
@@ -345,11 +347,11 @@ class Proxy:
         (the answer then names the event that made the call)."""
         if r.request.method not in READS:
             return await self._send(r)
-        shared = self._calls.get(r.key)
+        shared = self._calls.get((r.integration.name, r.key))
         if shared is not None:
             return await asyncio.shield(shared)
         future: asyncio.Future[Called] = asyncio.get_running_loop().create_future()
-        self._calls[r.key] = future
+        self._calls[(r.integration.name, r.key)] = future
         try:
             called = await self._send(r)
         except BaseException:
@@ -357,7 +359,7 @@ class Proxy:
             future.set_result(Called(stopped, [], b"", r.event_id))
             raise
         finally:
-            del self._calls[r.key]
+            del self._calls[(r.integration.name, r.key)]
         future.set_result(called)
         return called
 

@@ -186,6 +186,23 @@ def test_identical_concurrent_reads_share_one_upstream_call(gateway: Gateway, up
     assert 'gateway_proxy_answers_total{cache="miss",integration="crm"} 30.0' in metrics
 
 
+def test_integrations_with_one_target_never_share_a_call(gateway: Gateway, upstream: Upstream) -> None:
+    """Each integration sends its own credentials, so identical reads of two integrations with the
+    same target make two calls."""
+    gateway.configure(
+        proxy_toml("a", upstream.url, headers={"Authorization": "Bearer A"}),
+        proxy_toml("b", upstream.url, headers={"Authorization": "Bearer B"}),
+    ).start(0)
+    upstream.script([Reply(200, body=b"{}", delay_s=0.3)])
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await asyncio.gather(*(client.get(f"{gateway.url}/hooks/{n}/x?id=1") for n in "ab"))
+
+    assert [a.status_code for a in asyncio.run(both())] == [200, 200]
+    assert sorted(r.headers["authorization"] for r in upstream.received) == ["Bearer A", "Bearer B"]
+
+
 def test_fresh_copies_answer_without_a_call_and_vary_by_header(gateway: Gateway, upstream: Upstream) -> None:
     gateway.configure(
         proxy_toml("crm", upstream.url, proxy={"fresh_ttl_s": 60, "vary_headers": ["X-Account"]})
