@@ -83,7 +83,7 @@ FRESH_MEMORY_BYTES = 32 * 1024 * 1024  # fresh copies kept in each API process
 LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
 LOG_TIMEOUT_S = 10.0
 LOG_BATCH = 512
-MAX_WAITING = 100_000  # log items kept while Redis is unavailable
+MAX_WAITING_BYTES = 64 * 1024 * 1024  # log items kept while Redis is unavailable
 MAX_CONNECTIONS = 256
 
 Headers = list[tuple[bytes, bytes]]
@@ -136,21 +136,28 @@ class LogWriter:
     """Writes the log items of answered requests in the background, in batches: one writer at a
     time, which takes everything waiting when it starts a call (so a busy process writes large
     batches), and no task or future per item (they cost more than the item's share of the call).
-    Without Redis, items wait up to `MAX_WAITING`, then the oldest are dropped with a warning:
-    the answers were given; only their log is lost."""
+    Without Redis, items wait up to `MAX_WAITING_BYTES` (their requests and copies), then the
+    oldest are dropped with a warning: the answers were given; only their log is lost."""
 
     def __init__(self, store: Store, alerts: Alerts) -> None:
         self._store = store
         self._alerts = alerts
         self._waiting: list[Proxied] = []
+        self._bytes = 0  # of the requests and copies waiting
         self._writer: asyncio.Task[None] | None = None
         self._dropped = 0
 
     def add(self, item: Proxied) -> None:
         self._waiting.append(item)
-        if len(self._waiting) > MAX_WAITING:
-            del self._waiting[: len(self._waiting) - MAX_WAITING]
-            self._dropped += 1
+        self._bytes += _size(item)
+        if self._bytes > MAX_WAITING_BYTES:
+            # Redis has been away for long: drop the oldest half, keep the newest
+            k = 0
+            while self._bytes > MAX_WAITING_BYTES // 2:
+                self._bytes -= _size(self._waiting[k])
+                k += 1
+            del self._waiting[:k]
+            self._dropped += k
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
@@ -169,6 +176,7 @@ class LogWriter:
             await asyncio.sleep(LOG_LINGER_S)
             while self._waiting:
                 batch, self._waiting = self._waiting[:LOG_BATCH], self._waiting[LOG_BATCH:]
+                self._bytes -= sum(map(_size, batch))
                 try:
                     async with asyncio.timeout(LOG_TIMEOUT_S):
                         results = await self._store.proxied(batch)
@@ -177,6 +185,7 @@ class LogWriter:
                         "proxy log: %d items not written: %s: %s", len(batch), type(exc).__name__, exc
                     )
                     self._waiting[:0] = batch
+                    self._bytes += sum(map(_size, batch))
                     await asyncio.sleep(1.0)
                     continue
                 if self._dropped:
@@ -556,6 +565,10 @@ class _Request:
     started: float  # perf_counter
     started_ms: int
     key: str = ""
+
+
+def _size(item: Proxied) -> int:
+    return len(item.request_blob) + len(item.copy) + 512
 
 
 def _marks(cache: str, event_id: str) -> list[tuple[bytes, bytes]]:
