@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hmac
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +35,14 @@ def _int(value: str | None) -> int | None:
 
 
 class Admin:
-    def __init__(self, settings: Settings, store: Store, alerts: Alerts) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        alerts: Alerts,
+        on_state: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self._on_state = on_state  # a pause or resume through this process (proxy mode reads it)
         self._config = settings.config
         self._token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self._store = store
@@ -116,6 +124,7 @@ class Admin:
     async def pause(self, request: Request) -> Response:
         integration = self._integration(request)
         before, held = await self._store.set_state(integration.name, "pause", manual=True)
+        self._on_state(integration.name)
         info = await self.describe(integration)
         if before != "paused":
             await self._alerts.send(
@@ -131,6 +140,7 @@ class Admin:
     async def resume(self, request: Request) -> Response:
         integration = self._integration(request)
         before, held = await self._store.set_state(integration.name, "resume", manual=True)
+        self._on_state(integration.name)
         if before == "paused":
             await self._alerts.send(
                 AlertKind.RESUMED,

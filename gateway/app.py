@@ -85,7 +85,7 @@ def create_app(settings: Settings) -> GatewayApp:
     ingress = Ingress(config, batcher, proxy, refusals.add)
     health = Health(store, config.gateway.store_timeout_s)
     metrics = Metrics(config, store)
-    admin = Admin(settings, store, alerts)
+    admin = Admin(settings, store, alerts, proxy.forget_pause)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

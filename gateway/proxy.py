@@ -23,6 +23,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -80,6 +81,11 @@ DROPPED = frozenset(
     }
 )
 FRESH_MEMORY_BYTES = 32 * 1024 * 1024  # fresh copies kept in each API process
+# How long a process trusts what it read of an integration's pause before calling its endpoint
+# without reading it again: a pause set through another API process stops this one's calls within
+# this time (one through this process, or by a failure this process logged, at once). Reading it
+# for every call cost a tenth of the API's CPU on misses.
+PAUSE_TTL_S = 0.05
 LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
 LOG_TIMEOUT_S = 10.0
 LOG_BATCH = 512
@@ -139,9 +145,10 @@ class LogWriter:
     Without Redis, items wait up to `MAX_WAITING_BYTES` (their requests and copies), then the
     oldest are dropped with a warning: the answers were given; only their log is lost."""
 
-    def __init__(self, store: Store, alerts: Alerts) -> None:
+    def __init__(self, store: Store, alerts: Alerts, note_pause: Callable[[str, bool], None]) -> None:
         self._store = store
         self._alerts = alerts
+        self._note_pause = note_pause
         self._waiting: list[Proxied] = []
         self._bytes = 0  # of the requests and copies waiting
         self._writer: asyncio.Task[None] | None = None
@@ -194,6 +201,7 @@ class LogWriter:
                     )
                     self._dropped = 0
                 for item, finished in zip(batch, results, strict=True):
+                    self._note_pause(item.integration, finished.paused)
                     if finished.signals:
                         await self._alerts.crossed(item.integration, finished, item.health.last_error)
         finally:
@@ -270,8 +278,8 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         # (integration, request key) -> the call in flight: two integrations with the same target
         # send different credentials, so they never share a call
-        self._calls: dict[tuple[str, str], asyncio.Future[Called]] = {}
-        self._logger = LogWriter(store, alerts)
+        self._calls: dict[tuple[str, str], _Shared] = {}
+        self._logger = LogWriter(store, alerts, self.note_pause)
         self._queuer: Batcher[Proxied, Finished] = Batcher(store.proxied, self._store_timeout_s, _unstored)
         self._viewer: Batcher[tuple[str, str], tuple[bool, bytes | None]] = Batcher(
             store.proxy_views, self._store_timeout_s, _unstored
@@ -279,6 +287,7 @@ class Proxy:
         self._fresh = FreshCopies(FRESH_MEMORY_BYTES)
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._warned = 0.0
+        self._pauses: dict[str, tuple[bool, float]] = {}  # integration -> (paused, read at)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -310,7 +319,11 @@ class Proxy:
             copy = self._fresh.get(integration.name, r.key, started_ms - fresh_ms)
             if copy is not None:
                 return self._hit(r, copy)
-        paused, copy = await self._view(integration.name, r.key if fresh_ms else "")
+        known = None if fresh_ms else self._known_pause(integration.name)
+        if known is None:
+            paused, copy = await self._view(integration.name, r.key if fresh_ms else "")
+        else:
+            paused, copy = known, None
         if copy is not None and started_ms - copy.stored_ms < fresh_ms:
             self._fresh.put(integration.name, r.key, copy)
             return self._hit(r, copy)
@@ -349,27 +362,47 @@ class Proxy:
                 self._warned = time.monotonic()
                 log.warning("proxy %s: %s; calling the upstream", name, exc)
             return False, None
+        self.note_pause(name, paused)
         return paused, Copy.unpack(blob) if blob else None
+
+    def _known_pause(self, name: str) -> bool | None:
+        """Whether the integration is paused, as read (or learnt from a log write) in the last
+        PAUSE_TTL_S; None when that is older."""
+        known = self._pauses.get(name)
+        if known is None or time.monotonic() - known[1] > PAUSE_TTL_S:
+            return None
+        return known[0]
+
+    def note_pause(self, name: str, paused: bool) -> None:
+        self._pauses[name] = (paused, time.monotonic())
+
+    def forget_pause(self, name: str) -> None:
+        """An operator paused or resumed it through this process: read it again."""
+        self._pauses.pop(name, None)
 
     async def _call(self, r: _Request) -> Called:
         """The upstream's answer; a read shares the call of an identical one already in flight
         (the answer then names the event that made the call)."""
         if r.request.method not in READS:
             return await self._send(r)
-        shared = self._calls.get((r.integration.name, r.key))
+        key = (r.integration.name, r.key)
+        shared = self._calls.get(key)
         if shared is not None:
-            return await asyncio.shield(shared)
-        future: asyncio.Future[Called] = asyncio.get_running_loop().create_future()
-        self._calls[(r.integration.name, r.key)] = future
+            if shared.future is None:  # the first to share it: most calls are shared by none
+                shared.future = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(shared.future)
+        call = self._calls[key] = _Shared()
         try:
             called = await self._send(r)
         except BaseException:
-            stopped = Result(None, ErrorKind.NETWORK, "the call this request shared was cancelled", 0.0)
-            future.set_result(Called(stopped, [], b"", r.event_id))
+            if call.future is not None:
+                stopped = Result(None, ErrorKind.NETWORK, "the call this request shared was cancelled", 0.0)
+                call.future.set_result(Called(stopped, [], b"", r.event_id))
             raise
         finally:
-            del self._calls[(r.integration.name, r.key)]
-        future.set_result(called)
+            del self._calls[key]
+        if call.future is not None:
+            call.future.set_result(called)
         return called
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
@@ -482,6 +515,7 @@ class Proxy:
             raise ServiceUnavailable(
                 f"the write failed upstream and could not be queued ({exc})", marks
             ) from None
+        self.note_pause(r.integration.name, finished.paused)
         await self._alerts.crossed(r.integration.name, finished, item.health.last_error)
         return True
 
@@ -553,6 +587,13 @@ class Proxy:
             copy_ms=r.integration.proxy.keep_ms,
             max_cache_bytes=r.integration.proxy.max_cache_bytes,
         )
+
+
+@dataclass(slots=True)
+class _Shared:
+    """A read's call in flight, and the future of those who share it (made by the first of them)."""
+
+    future: asyncio.Future[Called] | None = None
 
 
 @dataclass(slots=True)
