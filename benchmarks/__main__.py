@@ -69,14 +69,26 @@ class Part:
 PARTS: dict[str, Part] = {
     "ingest": Part(ingest.parser, ingest.run, [], ["--rounds", "1", "--seconds", "2", "--warmup", "1"]),
     "delivery": Part(delivery.parser, delivery.run, ["--events", "30000"], ["--events", "2000"]),
-    "latency": Part(latency.parser, latency.run, ["--rates", "50:20,200:20,1000:60"],
-                    ["--rates", "50:5,200:5,1000:5", "--grace", "20"]),
-    "idle": Part(idle.parser, idle.run, [],
-                 ["--api-seconds", "2", "--settle", "2", "--seconds", "5", "--monitor-seconds", "3"]),
+    "latency": Part(
+        latency.parser,
+        latency.run,
+        ["--rates", "50:20,200:20,1000:60"],
+        ["--rates", "50:5,200:5,1000:5", "--grace", "20"],
+    ),
+    "idle": Part(
+        idle.parser,
+        idle.run,
+        [],
+        ["--api-seconds", "2", "--settle", "2", "--seconds", "5", "--monitor-seconds", "3"],
+    ),
     "fairness": Part(fairness.parser, fairness.run, [], ["--seconds", "3", "--warmup", "1", "--grace", "20"]),
     "drain": Part(drain.parser, drain.run, ["--events", "100000"], ["--events", "2000"]),
-    "proxy": Part(proxy.parser, proxy.run, [],
-                  ["--rate-seconds", "3", "--rounds", "1", "--seconds", "2", "--warmup", "1"]),
+    "proxy": Part(
+        proxy.parser,
+        proxy.run,
+        [],
+        ["--rate-seconds", "3", "--rounds", "1", "--seconds", "2", "--warmup", "1"],
+    ),
     "soak": Part(soak.parser, soak.run, ["--minutes", "10"], ["--minutes", "1"]),
 }
 RESULTS = BENCHMARKS / "RESULTS.md"
@@ -113,16 +125,20 @@ def machine() -> str:
     ram = f"{int(meminfo.group(1)) / 2**20:.1f} GiB RAM" if meminfo else "RAM unknown"
     redis = _command_version(["redis-server", "--version"], r"v=(\S+)")
     wrk = _command_version(["wrk", "-v"], r"wrk (?:debian/)?([0-9.]+)")
-    return (f"{model.group(1).strip() if model else platform.processor() or 'CPU unknown'}, "
-            f"{os.cpu_count()} vCPU, {ram}, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"Redis {redis}, wrk {wrk}")
+    return (
+        f"{model.group(1).strip() if model else platform.processor() or 'CPU unknown'}, "
+        f"{os.cpu_count()} vCPU, {ram}, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"Redis {redis}, wrk {wrk}"
+    )
 
 
 def revision() -> str:
     """The commit measured, and whether gateway/ differs from it (figures of uncommitted code)."""
+
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=BENCHMARKS.parent, capture_output=True, text=True,
-                              check=False, timeout=10)
+        done = subprocess.run(
+            ["git", *args], cwd=BENCHMARKS.parent, capture_output=True, text=True, check=False, timeout=10
+        )
         return done.stdout.strip() if done.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD")
@@ -133,10 +149,23 @@ def revision() -> str:
 
 
 def table(figures: list[Figure]) -> str:
-    rows = [[f.part, f.measure, f.value, f.baseline, f.ratio, f.target,
-             "" if f.met is None else "met" if f.met else "MISSED"] for f in figures]
-    return format_table(["part", "measure", "value", "baseline (same run)", "ratio", "target", "aim"],
-                        rows, [False, False, True, False, True, False, False])
+    rows = [
+        [
+            f.part,
+            f.measure,
+            f.value,
+            f.baseline,
+            f.ratio,
+            f.target,
+            "" if f.met is None else "met" if f.met else "MISSED",
+        ]
+        for f in figures
+    ]
+    return format_table(
+        ["part", "measure", "value", "baseline (same run)", "ratio", "target", "aim"],
+        rows,
+        [False, False, True, False, True, False, False],
+    )
 
 
 def summary(outcomes: dict[str, Outcome], header: str) -> str:
@@ -154,8 +183,11 @@ def summary(outcomes: dict[str, Outcome], header: str) -> str:
 
 def write_results(text: str, command: str, quick: bool) -> None:
     """Replaces the suite's section of RESULTS.md (or adds it before the first other section)."""
-    caution = ("\n\nA `--quick` run: a smoke test with small counts and short durations, not a "
-               "measurement." if quick else "")
+    caution = (
+        "\n\nA `--quick` run: a smoke test with small counts and short durations, not a measurement."
+        if quick
+        else ""
+    )
     section = f"{SECTION}\n\n`{command}`{caution}\n\n```\n{text}\n```\n"
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     lines = old.splitlines(keepends=True)
@@ -171,8 +203,11 @@ def write_results(text: str, command: str, quick: bool) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python3 -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--only", default=",".join(PARTS), help="parts to run, comma-separated (default: all)")
     p.add_argument("--quick", action="store_true", help="a short smoke run of every part (~2 min)")
     p.add_argument("--write", action="store_true", help="also write the table to benchmarks/RESULTS.md")
@@ -189,8 +224,10 @@ def main() -> int:
     outcomes = {name: run_part(name, args.quick) for name in PARTS if name in chosen}
     command = " ".join(["python3 -m benchmarks", *sys.argv[1:]])
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"{command}: {when}, {(time.monotonic() - started) / 60:.1f} min, gateway at {revision()}\n"
-              f"Machine: {machine()}")
+    header = (
+        f"{command}: {when}, {(time.monotonic() - started) / 60:.1f} min, gateway at {revision()}\n"
+        f"Machine: {machine()}"
+    )
     text = summary(outcomes, header)
     print(f"\n{text}")
     if args.write:

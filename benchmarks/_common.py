@@ -84,8 +84,12 @@ def gateway_arguments(p: argparse.ArgumentParser, *, grace: bool = False) -> Non
     level and, for those that wait for deliveries after sending, how long without progress."""
     p.add_argument("--body-bytes", type=int, default=500)
     if grace:
-        p.add_argument("--grace", type=float, default=30.0,
-                       help="after the sending, wait this long without progress for deliveries")
+        p.add_argument(
+            "--grace",
+            type=float,
+            default=30.0,
+            help="after the sending, wait this long without progress for deliveries",
+        )
     p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
 
 
@@ -212,15 +216,20 @@ def harness(prefix: str) -> Iterator[Harness]:
 
 
 def wait_http(
-    url: str, process: subprocess.Popen[bytes], *, timeout_s: float = 20.0, expect: int | None = None,
+    url: str,
+    process: subprocess.Popen[bytes],
+    *,
+    timeout_s: float = 20.0,
+    expect: int | None = None,
     describe: Callable[[], str] = lambda: "",
 ) -> None:
     """Wait until `url` answers GET (with status `expect`, or any status); fail if `process` exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before it served {url}\n"
-                               + describe())
+            raise RuntimeError(
+                f"{process.args!r} exited with {process.returncode} before it served {url}\n" + describe()
+            )
         status: int | None = None
         try:
             with urllib.request.urlopen(url, timeout=0.5) as response:
@@ -232,8 +241,10 @@ def wait_http(
         if status is not None and (expect is None or status == expect):
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer{f' {expect}' if expect else ''} within {timeout_s} s "
-                               f"(last status: {status})\n" + describe())
+            raise RuntimeError(
+                f"{url} did not answer{f' {expect}' if expect else ''} within {timeout_s} s "
+                f"(last status: {status})\n" + describe()
+            )
         time.sleep(0.05)
 
 
@@ -258,8 +269,24 @@ def start_redis(h: Harness) -> RedisServer:
     port = free_port()
     data = h.directory / "redis"
     data.mkdir()
-    process = h.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                                "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+    process = h.spawn(
+        "redis",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    )
     client = redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     try:
@@ -382,8 +409,9 @@ class GatewayStack:
         return [(name, code) for name, p in processes if (code := p.poll()) is not None]
 
 
-def gateway_config(upstream_port: int, *, drain_rate_per_s: int | None = None,
-                   concurrency: int | None = None) -> str:
+def gateway_config(
+    upstream_port: int, *, drain_rate_per_s: int | None = None, concurrency: int | None = None
+) -> str:
     """The benchmarks' config: one integration, INTEGRATION, delivering to the local upstream
     (loopback allowed by the SSRF guard); everything not given at the gateway's defaults."""
     text = """\
@@ -404,7 +432,12 @@ target = "http://127.0.0.1:{upstream_port}/hook"
 
 
 def start_stack(
-    h: Harness, config_text: str, upstream_port: int, log_level: str, *, workers: int = 1,
+    h: Harness,
+    config_text: str,
+    upstream_port: int,
+    log_level: str,
+    *,
+    workers: int = 1,
     upstream_args: Sequence[str] = (),
 ) -> GatewayStack:
     """Starts the stack with `config_text` (its integrations target the upstream on `upstream_port`,
@@ -417,11 +450,17 @@ def start_stack(
     token = secrets.token_urlsafe(24)
     api = f"http://127.0.0.1:{gateway_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(REDIS_URL=server.url, GATEWAY_CONFIG=str(config), GATEWAY_ADMIN_TOKEN=token,
-               GATEWAY_LOG_LEVEL=log_level, GATEWAY_URL=api)
+    env.update(
+        REDIS_URL=server.url,
+        GATEWAY_CONFIG=str(config),
+        GATEWAY_ADMIN_TOKEN=token,
+        GATEWAY_LOG_LEVEL=log_level,
+        GATEWAY_URL=api,
+    )
     upstream_base = f"http://127.0.0.1:{upstream_port}"
-    upstream = h.spawn("upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record",
-                                        *upstream_args])
+    upstream = h.spawn(
+        "upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record", *upstream_args]
+    )
     serve = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)]
     gateway = h.spawn("gateway", serve, env=env)
     stack = GatewayStack(server, server.client(), api, upstream_base, token, env, upstream, gateway)
@@ -477,8 +516,14 @@ def _lua_long_string(data: bytes) -> str:
 
 
 def write_wrk_script(
-    path: Path, body: bytes | None, *, method: str = "POST", expect_body: bytes | None = None,
-    count_header: str | None = None, request_path: str | None = None, cycle: int = 1,
+    path: Path,
+    body: bytes | None,
+    *,
+    method: str = "POST",
+    expect_body: bytes | None = None,
+    count_header: str | None = None,
+    request_path: str | None = None,
+    cycle: int = 1,
 ) -> Path:
     """The script of `run_wrk`: `method` requests to the URL given to wrk, with `body` as JSON when
     one is given (a GET has none). With `request_path`, to that path instead, where "{n}" stands for
@@ -489,16 +534,20 @@ def write_wrk_script(
         raise ValueError("cycle must be at least 1")
     request_body = ""
     if body is not None:
-        request_body = (f"wrk.body = {_lua_long_string(body)}\n"
-                        'wrk.headers["Content-Type"] = "application/json"')
-    path.write_text(_WRK_LUA % {
-        "method": method,
-        "request_body": request_body,
-        "expected": "nil" if expect_body is None else _lua_long_string(expect_body),
-        "header": "nil" if count_header is None else json.dumps(count_header.lower()),
-        "path": "nil" if request_path is None else json.dumps(request_path),
-        "cycle": cycle,
-    })
+        request_body = (
+            f'wrk.body = {_lua_long_string(body)}\nwrk.headers["Content-Type"] = "application/json"'
+        )
+    path.write_text(
+        _WRK_LUA
+        % {
+            "method": method,
+            "request_body": request_body,
+            "expected": "nil" if expect_body is None else _lua_long_string(expect_body),
+            "header": "nil" if count_header is None else json.dumps(count_header.lower()),
+            "path": "nil" if request_path is None else json.dumps(request_path),
+            "cycle": cycle,
+        }
+    )
     return path
 
 
@@ -536,8 +585,21 @@ def run_wrk(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = h.spawn(
         "wrk",
-        [wrk, "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{max(int(seconds), 1)}s",
-         "--timeout", "10s", "-s", str(script), url],
+        [
+            wrk,
+            "--latency",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(int(seconds), 1)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
         stdout_to_log=False,
     )
     out, _ = process.communicate(timeout=seconds + 60)
@@ -628,7 +690,11 @@ class CountingRedis:
 
 
 def wait_count(
-    read: Callable[[], int], want: int, quiet_s: float, *, poll_s: float = 0.05,
+    read: Callable[[], int],
+    want: int,
+    quiet_s: float,
+    *,
+    poll_s: float = 0.05,
     on_count: Callable[[int], None] | None = None,
 ) -> tuple[int, float]:
     """Polls `read()` until it reaches `want` or has not moved for `quiet_s`; returns (the last count,
@@ -656,9 +722,22 @@ def per_event_text(by_command: dict[str, int], events: int, top: int = 6) -> str
 def logged_warnings(log: str) -> list[str]:
     """The warning and error lines of a gateway log, in either format (JSON, the default, says
     "level":"warning"; console says WARNING), and any traceback."""
-    return [ln for ln in log.splitlines()
-            if any(mark in ln for mark in ('"level":"warning"', '"level":"error"', '"level":"critical"',
-                                           " WARNING ", " ERROR ", " CRITICAL ", "Traceback"))]
+    return [
+        ln
+        for ln in log.splitlines()
+        if any(
+            mark in ln
+            for mark in (
+                '"level":"warning"',
+                '"level":"error"',
+                '"level":"critical"',
+                " WARNING ",
+                " ERROR ",
+                " CRITICAL ",
+                "Traceback",
+            )
+        )
+    ]
 
 
 # --- The recording upstream (benchmarks/_upstream.py --record) ---------------------------------------
@@ -676,8 +755,12 @@ def upstream_stats(base: str, start: int = 1 << 62) -> UpstreamStats:
     """What the upstream got from its `start`-th webhook-id on (by default: the counts only)."""
     with urllib.request.urlopen(f"{base}/_stats?from={start}", timeout=60) as response:
         raw = json.loads(response.read())
-    return UpstreamStats(int(raw["requests"]), int(raw["recorded"]), [str(i) for i in raw["ids"]],
-                         [float(t) for t in raw["times"]])
+    return UpstreamStats(
+        int(raw["requests"]),
+        int(raw["recorded"]),
+        [str(i) for i in raw["ids"]],
+        [float(t) for t in raw["times"]],
+    )
 
 
 # --- Exactly N POSTs with wrk ------------------------------------------------------------------------
@@ -771,8 +854,15 @@ class Posted:
 
 
 def post_exactly(
-    h: Harness, base_url: str, path: str, body: bytes, count: int, *, connections: int,
-    progress: Callable[[], int], quiet_s: float,
+    h: Harness,
+    base_url: str,
+    path: str,
+    body: bytes,
+    count: int,
+    *,
+    connections: int,
+    progress: Callable[[], int],
+    quiet_s: float,
 ) -> Posted:
     """wrk (one thread, `connections` keep-alive connections) POSTs `body` to `path` exactly `count`
     times: how the benchmarks preload events fast, from a separate process. `progress` (e.g. a
@@ -790,8 +880,20 @@ def post_exactly(
     started = time.monotonic()
     process = h.spawn(
         "wrk",
-        [wrk, "-t", "1", "-c", str(connections), "-d", "3600s", "--timeout", "10s", "-s", str(script),
-         base_url],
+        [
+            wrk,
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            "3600s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            base_url,
+        ],
         stdout_to_log=False,
     )
     stalled_at = _wait_done(process, done_path, progress, quiet_s)
@@ -984,7 +1086,8 @@ async def fetch_open_loop(
     `count_header`."""
     out = Fetched()
     schedule = await open_loop(
-        rate, seconds, lambda session, k: _get(session, urls[k % len(urls)], expect_body, count_header, out))
+        rate, seconds, lambda session, k: _get(session, urls[k % len(urls)], expect_body, count_header, out)
+    )
     out.sent, out.seconds, out.lag_max_s = schedule.sent, schedule.seconds, schedule.lag_max_s
     return out
 
@@ -1027,7 +1130,6 @@ def rss_bytes(pid: int) -> int:
 
 
 # --- The suite's table -------------------------------------------------------------------------------
-
 
 
 def redis_memory(r: redis.Redis) -> tuple[int, int]:

@@ -40,9 +40,13 @@ def make_app(lookup: bytes = LOOKUP) -> Starlette:
     async def look_up(request: Request) -> Response:
         return Response(lookup, media_type="application/json")
 
-    return Starlette(routes=[Route("/hooks/{name}", hook, methods=["POST"]),
-                             Route("/hooks/{name}/{rest:path}", look_up, methods=["GET"]),
-                             Route("/healthz", ready)])
+    return Starlette(
+        routes=[
+            Route("/hooks/{name}", hook, methods=["POST"]),
+            Route("/hooks/{name}/{rest:path}", look_up, methods=["GET"]),
+            Route("/healthz", ready),
+        ]
+    )
 
 
 app = make_app()
@@ -58,8 +62,16 @@ def main() -> None:
     args = parser.parse_args()
     served = make_app(Path(args.answer_file).read_bytes()) if args.answer_file else app
     # Keep in step with gateway/cli.py `serve`.
-    uvicorn.run(served, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
-                log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        served,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
 
 
 if __name__ == "__main__":

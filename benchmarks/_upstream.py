@@ -162,8 +162,17 @@ def main() -> None:
         target = HangingApp(args.hang_s, body)
     else:
         target = RecordingApp(body) if args.record else plain_app(body)
-    uvicorn.run(target, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", lifespan="off",
-                access_log=False, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(
+        target,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
 
 
 if __name__ == "__main__":

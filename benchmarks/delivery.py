@@ -130,8 +130,11 @@ async def _request_loop(url: str, body: bytes, count: int, concurrency: int) -> 
             nonlocal remaining, ok
             while remaining > 0:
                 remaining -= 1
-                headers = {"content-type": "application/json", "webhook-id": f"baseline-{remaining}",
-                           "webhook-timestamp": str(int(time.time()))}
+                headers = {
+                    "content-type": "application/json",
+                    "webhook-id": f"baseline-{remaining}",
+                    "webhook-timestamp": str(int(time.time())),
+                }
                 try:
                     async with session.post(url, data=body, headers=headers) as response:
                         await response.read()
@@ -155,13 +158,21 @@ def baseline(url: str, body: bytes, count: int, concurrency: int) -> Loop:
     return loop
 
 
-def preload(h: Harness, stack: GatewayStack, body: bytes, args: argparse.Namespace,
-            problems: list[str]) -> list[str]:
+def preload(
+    h: Harness, stack: GatewayStack, body: bytes, args: argparse.Namespace, problems: list[str]
+) -> list[str]:
     """Sends the events with no worker running; returns their ids (the pending index)."""
     r = stack.client
-    posted = post_exactly(h, stack.api, f"/hooks/{INTEGRATION}", body, args.events,
-                          connections=args.connections, progress=lambda: int(cast(int, r.zcard(PENDING))),
-                          quiet_s=args.quiet)
+    posted = post_exactly(
+        h,
+        stack.api,
+        f"/hooks/{INTEGRATION}",
+        body,
+        args.events,
+        connections=args.connections,
+        progress=lambda: int(cast(int, r.zcard(PENDING))),
+        quiet_s=args.quiet,
+    )
     problems += posted.problems("preload")
     ids = [x.decode() for x in cast(list[bytes], r.zrange(PENDING, 0, -1))]
     if len(ids) != posted.accepted:
@@ -185,8 +196,7 @@ def _wait_delivered(
         if count and not cpu_at_first:
             cpu_at_first.append(_workers_cpu(stack))
 
-    delivered, _ = wait_count(lambda: mine.zcards(DELIVERED)[0], want, quiet_s, poll_s=POLL_S,
-                              on_count=first)
+    delivered, _ = wait_count(lambda: mine.zcards(DELIVERED)[0], want, quiet_s, poll_s=POLL_S, on_count=first)
     if delivered < want:
         problems.append(f"delivery: no progress for {quiet_s:g} s at {delivered} of {want} delivered")
     return delivered, (cpu_at_first or [0.0])[0]
@@ -225,8 +235,10 @@ def _check(
     if len(distinct) != len(arrived):
         problems.append(f"delivery: {len(arrived) - len(distinct)} webhook-ids arrived more than once")
     if distinct != set(ids):
-        problems.append(f"delivery: the upstream's webhook-ids are not the preloaded ids "
-                        f"({len(set(ids) - distinct)} missing, {len(distinct - set(ids))} unknown)")
+        problems.append(
+            f"delivery: the upstream's webhook-ids are not the preloaded ids "
+            f"({len(set(ids) - distinct)} missing, {len(distinct - set(ids))} unknown)"
+        )
 
 
 def _workers(n: int) -> str:
@@ -248,8 +260,10 @@ def phase(
         loop = None
         try:
             if with_baseline:
-                _say(f"delivery: baseline, {args.events} POSTs from one aiohttp session, "
-                     f"{args.concurrency} in flight...")
+                _say(
+                    f"delivery: baseline, {args.events} POSTs from one aiohttp session, "
+                    f"{args.concurrency} in flight..."
+                )
                 loop = baseline(f"{stack.upstream_base}/hook", body, args.events, args.concurrency)
                 _say(f"  {loop.rate:.0f} requests/s")
             _say(f"delivery: preloading {args.events} events, no worker running...")
@@ -263,8 +277,10 @@ def phase(
             # attempt log and delivered-index entry (the metrics hashes do not grow with events).
             memory_after, _ = settled_memory(stack.client)
             result.memory_per_event = (memory_after - memory_before) / max(len(ids), 1) - len(body)
-            _say(f"  {result.rate:.0f} events/s, {result.per_event:.1f} Redis commands per event, "
-                 f"{result.memory_per_event:.0f} B of Redis memory per delivered event beyond its body")
+            _say(
+                f"  {result.rate:.0f} events/s, {result.per_event:.1f} Redis commands per event, "
+                f"{result.memory_per_event:.0f} B of Redis memory per delivered event beyond its body"
+            )
         finally:
             stack.client.close()
         result.problems += _process_problems(h, stack)
@@ -284,8 +300,12 @@ def _process_problems(h: Harness, stack: GatewayStack) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=30_000, help="events to preload, then deliver, per phase")
-    p.add_argument("--concurrency", type=int, default=32,
-                   help="[worker] concurrency of the config, and requests in flight of the baseline loop")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="[worker] concurrency of the config, and requests in flight of the baseline loop",
+    )
     p.add_argument("--workers", default="1,2", help="worker processes of each phase, comma-separated")
     p.add_argument("--connections", type=int, default=32, help="wrk connections while preloading")
     gateway_arguments(p)
@@ -307,60 +327,123 @@ def run(args: argparse.Namespace) -> Outcome:
     outcome = Outcome(problems=[f"baseline: {f}" for f in base.failures])
     for one in phases:
         outcome.problems += [f"delivery, {_workers(one.workers)}: {p}" for p in one.problems]
-        outcome.details.append(f"delivery, {_workers(one.workers)}: Redis calls per delivered event by "
-                               f"command: {per_event_text(one.by_command, one.delivered)}")
+        outcome.details.append(
+            f"delivery, {_workers(one.workers)}: Redis calls per delivered event by "
+            f"command: {per_event_text(one.by_command, one.delivered)}"
+        )
         outcome.figures += figures(one, base)
     if not outcome.problems:
-        print("checks: every preloaded event delivered, none left in another state; the upstream got each "
-              "webhook-id exactly once")
+        print(
+            "checks: every preloaded event delivered, none left in another state; the upstream got each "
+            "webhook-id exactly once"
+        )
     return outcome
 
 
 def figures(one: Phase, base: Loop) -> list[Figure]:
     """Rows of the suite's table: the workers' rate beside the loop's, and Redis's work per event."""
     ratio = one.rate / base.rate
-    rate = Figure("delivery", f"{_workers(one.workers)}, {one.events} events: delivered events/s",
-                  f"{one.rate:.0f}", f"aiohttp loop {base.rate:.0f}/s", f"{ratio:.2f}")
-    commands = Figure("delivery", f"{_workers(one.workers)}: Redis commands per delivered event",
-                      f"{one.per_event:.1f}")
+    rate = Figure(
+        "delivery",
+        f"{_workers(one.workers)}, {one.events} events: delivered events/s",
+        f"{one.rate:.0f}",
+        f"aiohttp loop {base.rate:.0f}/s",
+        f"{ratio:.2f}",
+    )
+    commands = Figure(
+        "delivery", f"{_workers(one.workers)}: Redis commands per delivered event", f"{one.per_event:.1f}"
+    )
     if one.workers != 1:
         return [rate, commands]
-    rate = Figure(rate.part, rate.measure, rate.value, rate.baseline, rate.ratio, f"ratio >= {RATIO:.2f}",
-                  ratio >= RATIO)
-    commands = Figure(commands.part, commands.measure, commands.value, target=f"<= {COMMANDS:g}",
-                      met=one.per_event <= COMMANDS)
-    memory = Figure("delivery", "Redis memory per delivered event beyond its body (kept until retention)",
-                    f"{one.memory_per_event:.0f} B", target=f"<= {MEMORY} B",
-                    met=one.memory_per_event <= MEMORY)
+    rate = Figure(
+        rate.part,
+        rate.measure,
+        rate.value,
+        rate.baseline,
+        rate.ratio,
+        f"ratio >= {RATIO:.2f}",
+        ratio >= RATIO,
+    )
+    commands = Figure(
+        commands.part,
+        commands.measure,
+        commands.value,
+        target=f"<= {COMMANDS:g}",
+        met=one.per_event <= COMMANDS,
+    )
+    memory = Figure(
+        "delivery",
+        "Redis memory per delivered event beyond its body (kept until retention)",
+        f"{one.memory_per_event:.0f} B",
+        target=f"<= {MEMORY} B",
+        met=one.memory_per_event <= MEMORY,
+    )
     return [rate, commands, memory]
 
 
 def report(phases: list[Phase], base: Loop, body: bytes, args: argparse.Namespace) -> None:
-    rows = [["aiohttp loop (baseline)", f"{base.ok}", f"{base.seconds:.1f}", f"{base.rate:.0f}", "-", "1.00",
-             "-", "-"]]
+    rows = [
+        [
+            "aiohttp loop (baseline)",
+            f"{base.ok}",
+            f"{base.seconds:.1f}",
+            f"{base.rate:.0f}",
+            "-",
+            "1.00",
+            "-",
+            "-",
+        ]
+    ]
     for one in phases:
-        rows.append([
-            f"{_workers(one.workers)} (gateway)", f"{one.delivered}/{one.events}", f"{one.seconds:.1f}",
-            f"{one.rate:.0f}", f"{one.delivered / one.from_spawn_s:.0f}", f"{one.rate / base.rate:.2f}",
-            f"{one.worker_cpu_s / max(one.delivered, 1) * 1e6:.0f} us", f"{one.per_event:.1f}",
-        ])
-    print(f"\ndelivery: {args.events} events of {len(body)}-byte JSON preloaded with no worker running, "
-          f"then delivered to a local upstream; [worker] concurrency {args.concurrency}, log level "
-          f"{args.log_level}; baseline: one aiohttp session, {args.concurrency} requests in flight")
-    print_table(["sender", "delivered/events", "seconds", "events/s", "from spawn/s", "ratio",
-                 "worker CPU/event", "redis cmds/event"], rows, [False, *[True] * 7])
-    print("seconds and events/s: from the first arrival at the upstream to the last event in the delivered "
-          "index; from spawn: from the workers' start instead; worker CPU: all workers, from the first "
-          "delivery seen on; "
-          "redis cmds/event: INFO commandstats (commands inside scripts included), the benchmark's own "
-          "polling subtracted")
+        rows.append(
+            [
+                f"{_workers(one.workers)} (gateway)",
+                f"{one.delivered}/{one.events}",
+                f"{one.seconds:.1f}",
+                f"{one.rate:.0f}",
+                f"{one.delivered / one.from_spawn_s:.0f}",
+                f"{one.rate / base.rate:.2f}",
+                f"{one.worker_cpu_s / max(one.delivered, 1) * 1e6:.0f} us",
+                f"{one.per_event:.1f}",
+            ]
+        )
+    print(
+        f"\ndelivery: {args.events} events of {len(body)}-byte JSON preloaded with no worker running, "
+        f"then delivered to a local upstream; [worker] concurrency {args.concurrency}, log level "
+        f"{args.log_level}; baseline: one aiohttp session, {args.concurrency} requests in flight"
+    )
+    print_table(
+        [
+            "sender",
+            "delivered/events",
+            "seconds",
+            "events/s",
+            "from spawn/s",
+            "ratio",
+            "worker CPU/event",
+            "redis cmds/event",
+        ],
+        rows,
+        [False, *[True] * 7],
+    )
+    print(
+        "seconds and events/s: from the first arrival at the upstream to the last event in the delivered "
+        "index; from spawn: from the workers' start instead; worker CPU: all workers, from the first "
+        "delivery seen on; "
+        "redis cmds/event: INFO commandstats (commands inside scripts included), the benchmark's own "
+        "polling subtracted"
+    )
     for one in phases:
-        print(f"  {_workers(one.workers)}, redis calls per event by command: "
-              + per_event_text(one.by_command, one.delivered))
+        print(
+            f"  {_workers(one.workers)}, redis calls per event by command: "
+            + per_event_text(one.by_command, one.delivered)
+        )
     for one in phases:
-        print(f"  {_workers(one.workers)}: Redis memory per delivered event beyond its {len(body)}-byte "
-              f"body: {one.memory_per_event:.0f} B "
-              "(used_memory after - before the preload, per event, settled)")
+        print(
+            f"  {_workers(one.workers)}: Redis memory per delivered event beyond its {len(body)}-byte "
+            f"body: {one.memory_per_event:.0f} B "
+            "(used_memory after - before the preload, per event, settled)"
+        )
 
 
 def main() -> int:

@@ -158,7 +158,8 @@ def _zcards(r: redis.Redis) -> dict[str, int]:
 
 def _admin(base: str, token: str, action: str) -> dict[str, Any]:
     request = urllib.request.Request(
-        f"{base}/admin/integrations/{NAME}/{action}", method="POST",
+        f"{base}/admin/integrations/{NAME}/{action}",
+        method="POST",
         headers={"Authorization": f"Bearer {token}"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -168,8 +169,16 @@ def _admin(base: str, token: str, action: str) -> dict[str, Any]:
 def ingest(
     h: Harness, url_base: str, r: redis.Redis, body: bytes, args: argparse.Namespace, problems: list[str]
 ) -> Ingest:
-    posted = post_exactly(h, url_base, f"/hooks/{NAME}", body, args.events, connections=args.connections,
-                          progress=lambda: _int(r.zcard(HELD)), quiet_s=args.quiet)
+    posted = post_exactly(
+        h,
+        url_base,
+        f"/hooks/{NAME}",
+        body,
+        args.events,
+        connections=args.connections,
+        progress=lambda: _int(r.zcard(HELD)),
+        quiet_s=args.quiet,
+    )
     # The gateway answers 202 after the write: once all are answered, every event is in Redis.
     held = _int(r.zcard(HELD))
     problems += posted.problems("ingest")
@@ -194,8 +203,12 @@ def memory_breakdown(
     replies = [_int(x) for x in pipe.execute()]
     n = len(sample)
     return Memory(
-        before=before[0], after=after[0], clients_before=before[1], clients_after=after[1],
-        event_hash=sum(replies[0::3]) / n, request_string=sum(replies[1::3]) / n,
+        before=before[0],
+        after=after[0],
+        clients_before=before[1],
+        clients_after=after[1],
+        event_hash=sum(replies[0::3]) / n,
+        request_string=sum(replies[1::3]) / n,
         request_bytes=sum(replies[2::3]) / n,
     )
 
@@ -206,8 +219,11 @@ async def _serial_posts(url: str, body: bytes, count: int) -> tuple[int, list[st
     failures: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for k in range(count):
-            headers = {"content-type": "application/json", "webhook-id": f"baseline-{k}",
-                       "webhook-timestamp": str(int(time.time()))}
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": f"baseline-{k}",
+                "webhook-timestamp": str(int(time.time())),
+            }
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
@@ -227,8 +243,13 @@ def baseline(url: str, body: bytes, count: int, upstream_pid: int, problems: lis
     started = time.perf_counter()
     ok, failures = uvloop.run(_serial_posts(url, body, count))
     seconds = time.perf_counter() - started
-    rate = Rate(ok, seconds, time.process_time() - cpu, run_queue_seconds(me) - wait,
-                cpu_seconds(upstream_pid) - upstream)
+    rate = Rate(
+        ok,
+        seconds,
+        time.process_time() - cpu,
+        run_queue_seconds(me) - wait,
+        cpu_seconds(upstream_pid) - upstream,
+    )
     problems += [f"baseline: {f}" for f in failures]
     if ok != count:
         problems.append(f"baseline: {ok} of {count} requests answered 200")
@@ -236,8 +257,14 @@ def baseline(url: str, body: bytes, count: int, upstream_pid: int, problems: lis
 
 
 def drain(
-    h: Harness, api: str, token: str, r: redis.Redis, held: int, pids: dict[str, int],
-    args: argparse.Namespace, problems: list[str],
+    h: Harness,
+    api: str,
+    token: str,
+    r: redis.Redis,
+    held: int,
+    pids: dict[str, int],
+    args: argparse.Namespace,
+    problems: list[str],
 ) -> Rate:
     r.config_resetstat()
     profiler = None
@@ -245,8 +272,21 @@ def drain(
         py_spy = shutil.which("py-spy")
         if py_spy is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-        profiler = h.spawn("py-spy", [py_spy, "record", "-r", "200", "-f", "raw",
-                                      "-o", str(Path(args.profile).resolve()), "-p", str(pids["worker"])])
+        profiler = h.spawn(
+            "py-spy",
+            [
+                py_spy,
+                "record",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(Path(args.profile).resolve()),
+                "-p",
+                str(pids["worker"]),
+            ],
+        )
         time.sleep(1.0)  # py-spy attaches
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wait = run_queue_seconds(pids["worker"])
@@ -262,8 +302,12 @@ def drain(
         for share in marks:
             if not marks[share] and counts["delivered"] >= share * held:
                 marks[share] = now
-        if counts["held"] == 0 and counts["in_flight"] == 0 and counts["pending"] == 0 \
-                and counts["retrying"] == 0:
+        if (
+            counts["held"] == 0
+            and counts["in_flight"] == 0
+            and counts["pending"] == 0
+            and counts["retrying"] == 0
+        ):
             break
         done = counts["delivered"] + counts["dead"]
         if done != last:
@@ -282,25 +326,46 @@ def drain(
         except subprocess.TimeoutExpired:
             problems.append("py-spy did not end within 60 s of SIGINT")
     stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
-    scripts = {name.removeprefix("cmdstat_"): (int(s.get("calls", 0)), int(s.get("usec", 0)))
-               for name, s in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")}
+    scripts = {
+        name.removeprefix("cmdstat_"): (int(s.get("calls", 0)), int(s.get("usec", 0)))
+        for name, s in stats.items()
+        if name in ("cmdstat_evalsha", "cmdstat_eval")
+    }
     delivered = counts["delivered"]
     steady = 0.0
     if marks[0.1] and marks[0.9] and marks[0.9] > marks[0.1]:
         steady = (0.8 * held) / (marks[0.9] - marks[0.1])
-    return Rate(delivered, seconds, after["worker"] - before["worker"], wait,
-                after["upstream"] - before["upstream"], after["redis"] - before["redis"], steady, scripts)
+    return Rate(
+        delivered,
+        seconds,
+        after["worker"] - before["worker"],
+        wait,
+        after["upstream"] - before["upstream"],
+        after["redis"] - before["redis"],
+        steady,
+        scripts,
+    )
 
 
 def check_delivery(
-    r: redis.Redis, upstream_base: str, recorded_before: int, requests_before: int, order: list[str],
+    r: redis.Redis,
+    upstream_base: str,
+    recorded_before: int,
+    requests_before: int,
+    order: list[str],
     problems: list[str],
 ) -> Delivery:
     """Checks that each held event was delivered once, in order."""
     counts = _zcards(r)
     held = len(order)
-    if counts["delivered"] != held or counts["dead"] or counts["held"] or counts["in_flight"] \
-            or counts["retrying"] or counts["pending"]:
+    if (
+        counts["delivered"] != held
+        or counts["dead"]
+        or counts["held"]
+        or counts["in_flight"]
+        or counts["retrying"]
+        or counts["pending"]
+    ):
         problems.append(f"drain: {held} held events ended as {counts}")
     got = upstream_stats(upstream_base, recorded_before)
     requests, ids = got.requests - requests_before, got.ids
@@ -310,8 +375,10 @@ def check_delivery(
     if distinct != len(ids):
         problems.append(f"drain: {len(ids) - distinct} webhook-ids arrived more than once")
     if set(ids) != set(order):
-        problems.append(f"drain: the upstream's webhook-ids are not the held ids "
-                        f"({len(set(order) - set(ids))} missing, {len(set(ids) - set(order))} unknown)")
+        problems.append(
+            f"drain: the upstream's webhook-ids are not the held ids "
+            f"({len(set(order) - set(ids))} missing, {len(set(ids) - set(order))} unknown)"
+        )
     elif ids != order:
         first = next(k for k, (a, b) in enumerate(zip(ids, order, strict=True)) if a != b)
         problems.append(f"drain: out of order from the {first}-th event on")
@@ -342,8 +409,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=100_000, help="events to hold, then drain")
     p.add_argument("--connections", type=int, default=32, help="wrk connections while ingesting")
     gateway_arguments(p)
-    p.add_argument("--quiet", type=float, default=30.0,
-                   help="fail when the held (or delivered) count does not move for this many s")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=30.0,
+        help="fail when the held (or delivered) count does not move for this many s",
+    )
     p.add_argument("--profile", metavar="FILE", help="py-spy the worker during the drain into FILE")
     return p
 
@@ -366,16 +437,22 @@ def measure(h: Harness, args: argparse.Namespace, body: bytes, problems: list[st
         mem_after = settled_memory(r)
         order = [x.decode() for x in cast(list[bytes], r.zrange(HELD, 0, -1))]
         memory = memory_breakdown(r, order, mem_before, mem_after)
-        print(f"  {got.held} held in {got.seconds:.1f} s; "
-              f"{memory.per_event(got.held):.0f} bytes of Redis memory each", file=sys.stderr, flush=True)
+        print(
+            f"  {got.held} held in {got.seconds:.1f} s; "
+            f"{memory.per_event(got.held):.0f} bytes of Redis memory each",
+            file=sys.stderr,
+            flush=True,
+        )
 
         print(f"drain: baseline, {args.events} serial POSTs with aiohttp...", file=sys.stderr, flush=True)
         requests_before = upstream_stats(upstream_base).requests
         base = baseline(f"{upstream_base}/hook", body, args.events, upstream.pid, problems)
         after = upstream_stats(upstream_base)
         if after.requests - requests_before != args.events:
-            problems.append(f"baseline: the upstream counted {after.requests - requests_before} "
-                            f"requests for {args.events}")
+            problems.append(
+                f"baseline: the upstream counted {after.requests - requests_before} "
+                f"requests for {args.events}"
+            )
         print(f"  {base.rate:.0f} requests/s", file=sys.stderr, flush=True)
 
         # The ids the upstream kept so far are the baseline's: the drain's come after them.
@@ -402,8 +479,10 @@ def run(args: argparse.Namespace) -> Outcome:
         m = measure(h, args, body, outcome.problems)
     report(args, body, m.got, m.memory, m.base, m.drained, m.delivery)
     if not outcome.problems:
-        print(f"checks: all {m.got.posts} POSTs answered 202 and held; all {m.got.held} delivered, each with "
-              "one attempt; the upstream got each webhook-id once, in the held order")
+        print(
+            f"checks: all {m.got.posts} POSTs answered 202 and held; all {m.got.held} delivered, each with "
+            "one attempt; the upstream got each webhook-id once, in the held order"
+        )
     outcome.figures = figures(m, body)
     return outcome
 
@@ -414,12 +493,24 @@ def figures(m: Measured, body: bytes) -> list[Figure]:
     per_event = m.memory.per_event(held)
     beyond = per_event - len(body)
     return [
-        Figure("drain", f"drain of {m.got.held} held events, 1 worker: events/s", f"{m.drained.rate:.0f}",
-               f"serial aiohttp loop {m.base.rate:.0f}/s", f"{m.drained.rate / m.base.rate:.2f}",
-               f">= {DRAIN_RATE:.0f}/s", m.drained.rate >= DRAIN_RATE),
-        Figure("drain", "Redis memory per held event beyond its body", f"{beyond:.0f} B",
-               f"body {len(body)} B (total {per_event:.0f} B)", f"{per_event / len(body):.2f}",
-               f"<= {BEYOND_BODY_BYTES} B", beyond <= BEYOND_BODY_BYTES),
+        Figure(
+            "drain",
+            f"drain of {m.got.held} held events, 1 worker: events/s",
+            f"{m.drained.rate:.0f}",
+            f"serial aiohttp loop {m.base.rate:.0f}/s",
+            f"{m.drained.rate / m.base.rate:.2f}",
+            f">= {DRAIN_RATE:.0f}/s",
+            m.drained.rate >= DRAIN_RATE,
+        ),
+        Figure(
+            "drain",
+            "Redis memory per held event beyond its body",
+            f"{beyond:.0f} B",
+            f"body {len(body)} B (total {per_event:.0f} B)",
+            f"{per_event / len(body):.2f}",
+            f"<= {BEYOND_BODY_BYTES} B",
+            beyond <= BEYOND_BODY_BYTES,
+        ),
     ]
 
 
@@ -432,7 +523,12 @@ def main() -> int:
 
 
 def report(
-    args: argparse.Namespace, body: bytes, got: Ingest, memory: Memory, base: Rate, drained: Rate,
+    args: argparse.Namespace,
+    body: bytes,
+    got: Ingest,
+    memory: Memory,
+    base: Rate,
+    drained: Rate,
     delivery: Delivery,
 ) -> None:
     held = max(got.held, 1)
@@ -445,41 +541,70 @@ def report(
     aim_memory = "met" if beyond <= BEYOND_BODY_BYTES else "MISSED"
     rows = [
         ["held events (ZCARD) / POSTs answered 202", f"{got.held} / {got.accepted}", ""],
-        ["ingest while paused", f"{got.held / got.seconds:.0f} events/s", "wrk -t1 "
-         f"-c{args.connections}, {got.seconds:.1f} s"],
-        ["Redis memory per held event", f"{per_event:.0f} B",
-         f"used_memory {memory.before / 2**20:.1f} -> {memory.after / 2**20:.1f} MiB "
-         f"(client buffers {memory.clients_before / 1024:.0f} -> {memory.clients_after / 1024:.0f} KiB)"],
+        [
+            "ingest while paused",
+            f"{got.held / got.seconds:.0f} events/s",
+            f"wrk -t1 -c{args.connections}, {got.seconds:.1f} s",
+        ],
+        [
+            "Redis memory per held event",
+            f"{per_event:.0f} B",
+            f"used_memory {memory.before / 2**20:.1f} -> {memory.after / 2**20:.1f} MiB "
+            f"(client buffers {memory.clients_before / 1024:.0f} -> {memory.clients_after / 1024:.0f} KiB)",
+        ],
         ["  beyond its body", f"{beyond:.0f} B", f"aim <= 1024 B: {aim_memory}"],
         ["  event hash gw:ev:{id}", f"{memory.event_hash:.0f} B", f"MEMORY USAGE, mean of {MEMORY_SAMPLES}"],
-        ["  request string gw:rq:{id}", f"{memory.request_string:.0f} B",
-         f"{memory.request_bytes:.0f} bytes: {head:.0f} head + newline + {len(body)} body"],
+        [
+            "  request string gw:rq:{id}",
+            f"{memory.request_string:.0f} B",
+            f"{memory.request_bytes:.0f} bytes: {head:.0f} head + newline + {len(body)} body",
+        ],
         ["  rest: held index entry, keyspace, rounding", f"{rest:.0f} B", "the difference"],
-        ["drain, one worker", f"{drained.rate:.0f} events/s",
-         f"{drained.count} in {drained.seconds:.1f} s, resume to empty; aim >= 1000/s: {aim_rate}"],
+        [
+            "drain, one worker",
+            f"{drained.rate:.0f} events/s",
+            f"{drained.count} in {drained.seconds:.1f} s, resume to empty; aim >= 1000/s: {aim_rate}",
+        ],
         ["  10 % -> 90 % delivered", f"{drained.steady:.0f} events/s", ""],
-        ["  time per event", f"{drained.seconds / max(drained.count, 1) * 1e6:.0f} us",
-         f"of which the HTTP attempt {delivery.http_ms * 1000:.0f} us, as the worker timed it "
-         "(attempt records; includes what its loop ran meanwhile)"],
-        ["  worker CPU per event", f"{drained.cpu_s / max(drained.count, 1) * 1e6:.0f} us",
-         f"CPU % worker/redis/upstream {drained.cpu_s / drained.seconds * 100:.0f}/"
-         f"{drained.redis_cpu_s / drained.seconds * 100:.0f}/"
-         f"{drained.upstream_cpu_s / drained.seconds * 100:.0f}; "
-         f"worker wait {drained.wait_s / drained.seconds * 100:.0f} %"],
-        ["  Redis scripts per event", f"{evalsha[0] / max(drained.count, 1):.2f} calls",
-         f"{evalsha[1] / max(drained.count, 1):.0f} us of Redis time per event (EVALSHA)"],
-        ["baseline: serial aiohttp POSTs", f"{base.rate:.0f} req/s",
-         f"{base.count} in {base.seconds:.1f} s; "
-         f"client CPU/req {base.cpu_s / max(base.count, 1) * 1e6:.0f} us, "
-         f"upstream CPU {base.upstream_cpu_s / base.seconds * 100:.0f} %, "
-         f"client wait {base.wait_s / base.seconds * 100:.0f} %"],
+        [
+            "  time per event",
+            f"{drained.seconds / max(drained.count, 1) * 1e6:.0f} us",
+            f"of which the HTTP attempt {delivery.http_ms * 1000:.0f} us, as the worker timed it "
+            "(attempt records; includes what its loop ran meanwhile)",
+        ],
+        [
+            "  worker CPU per event",
+            f"{drained.cpu_s / max(drained.count, 1) * 1e6:.0f} us",
+            f"CPU % worker/redis/upstream {drained.cpu_s / drained.seconds * 100:.0f}/"
+            f"{drained.redis_cpu_s / drained.seconds * 100:.0f}/"
+            f"{drained.upstream_cpu_s / drained.seconds * 100:.0f}; "
+            f"worker wait {drained.wait_s / drained.seconds * 100:.0f} %",
+        ],
+        [
+            "  Redis scripts per event",
+            f"{evalsha[0] / max(drained.count, 1):.2f} calls",
+            f"{evalsha[1] / max(drained.count, 1):.0f} us of Redis time per event (EVALSHA)",
+        ],
+        [
+            "baseline: serial aiohttp POSTs",
+            f"{base.rate:.0f} req/s",
+            f"{base.count} in {base.seconds:.1f} s; "
+            f"client CPU/req {base.cpu_s / max(base.count, 1) * 1e6:.0f} us, "
+            f"upstream CPU {base.upstream_cpu_s / base.seconds * 100:.0f} %, "
+            f"client wait {base.wait_s / base.seconds * 100:.0f} %",
+        ],
         ["  time per request", f"{base.seconds / max(base.count, 1) * 1e6:.0f} us", ""],
         ["drain / baseline", f"{drained.rate / base.rate:.2f}", ""],
-        ["upstream requests / distinct webhook-ids", f"{delivery.requests} / {delivery.distinct}",
-         f"attempts recorded {delivery.attempts}"],
+        [
+            "upstream requests / distinct webhook-ids",
+            f"{delivery.requests} / {delivery.distinct}",
+            f"attempts recorded {delivery.attempts}",
+        ],
     ]
-    print(f"\ndrain: {args.events} events of {len(body)}-byte JSON held while paused, then drained by ONE "
-          f"worker (drain_rate_per_s 100000, log level {args.log_level})")
+    print(
+        f"\ndrain: {args.events} events of {len(body)}-byte JSON held while paused, then drained by ONE "
+        f"worker (drain_rate_per_s 100000, log level {args.log_level})"
+    )
     print_table(["measure", "value", "notes"], rows, [False, True, False])
 
 

@@ -161,15 +161,19 @@ async def measure(client: Client, url: str, body: bytes, upstream_pid: int, args
         ok, failed, seconds = await drive(send, args.concurrency, args.seconds, client.failures)
         run = Run(ok, failed, seconds, time.process_time() - cpu, cpu_seconds(upstream_pid) - upstream)
     client.runs.append(run)
-    print(f"  {client.name:<14} {run.rate:8.0f} req/s  (upstream CPU {run.upstream_cpu_s / seconds:.0%})",
-          file=sys.stderr, flush=True)
+    print(
+        f"  {client.name:<14} {run.rate:8.0f} req/s  (upstream CPU {run.upstream_cpu_s / seconds:.0%})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-async def run_clients(clients: list[Client], url: str, body: bytes, upstream_pid: int,
-                      args: argparse.Namespace) -> None:
+async def run_clients(
+    clients: list[Client], url: str, body: bytes, upstream_pid: int, args: argparse.Namespace
+) -> None:
     for n in range(args.rounds):
         print(f"round {n + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        order = clients[n % len(clients):] + clients[: n % len(clients)]
+        order = clients[n % len(clients) :] + clients[: n % len(clients)]
         for client in order:
             await measure(client, url, body, upstream_pid, args)
 
@@ -223,18 +227,22 @@ def main() -> int:
         rates = [run.rate for run in c.runs]
         seconds = sum(run.seconds for run in c.runs)
         requests = sum(run.requests for run in c.runs)
-        rows.append([
-            c.name,
-            f"{median(rates):.0f}",
-            " ".join(f"{x:.0f}" for x in rates),
-            f"{sum(run.failed for run in c.runs)}",
-            f"{sum(run.client_cpu_s for run in c.runs) / requests * 1e6:.0f} us",
-            f"{sum(run.upstream_cpu_s for run in c.runs) / seconds:.0%}",
-            f"{median(rates) / base:.2f}",
-        ])
-    print(f"\nhttp clients: POST {len(body)}-byte JSON to a local upstream, {args.concurrency} concurrent "
-          f"tasks, uvloop, {args.seconds:.0f} s per run after {args.warmup:.0f} s warm-up, "
-          f"{args.rounds} rounds (medians)")
+        rows.append(
+            [
+                c.name,
+                f"{median(rates):.0f}",
+                " ".join(f"{x:.0f}" for x in rates),
+                f"{sum(run.failed for run in c.runs)}",
+                f"{sum(run.client_cpu_s for run in c.runs) / requests * 1e6:.0f} us",
+                f"{sum(run.upstream_cpu_s for run in c.runs) / seconds:.0%}",
+                f"{median(rates) / base:.2f}",
+            ]
+        )
+    print(
+        f"\nhttp clients: POST {len(body)}-byte JSON to a local upstream, {args.concurrency} concurrent "
+        f"tasks, uvloop, {args.seconds:.0f} s per run after {args.warmup:.0f} s warm-up, "
+        f"{args.rounds} rounds (medians)"
+    )
     print_table(
         ["client", "req/s", "each run", "failed", "client CPU/req", "upstream CPU", f"vs {BASELINE}"],
         rows,

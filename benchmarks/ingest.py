@@ -323,9 +323,15 @@ def figure(gateway: Target, base: Target) -> Figure:
     """The suite's row: the gateway's accepted events/s beside the bare app's."""
     ratio = round_ratio(gateway, base)
     rate = median([x.wrk.rate for x in gateway.runs])
-    return Figure("ingest", "accepted events/s, `gateway serve`", f"{rate:.0f}",
-                  f"bare Starlette {median([x.wrk.rate for x in base.runs]):.0f}/s", f"{ratio:.2f}",
-                  f"ratio >= {RATIO:.2f}", ratio >= RATIO)
+    return Figure(
+        "ingest",
+        "accepted events/s, `gateway serve`",
+        f"{rate:.0f}",
+        f"bare Starlette {median([x.wrk.rate for x in base.runs]):.0f}/s",
+        f"{ratio:.2f}",
+        f"ratio >= {RATIO:.2f}",
+        ratio >= RATIO,
+    )
 
 
 def round_ratio(target: Target, base: Target) -> float:

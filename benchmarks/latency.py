@@ -125,8 +125,9 @@ def run_rate(
     sent = uvloop.run(send_open_loop(f"{api}/hooks/{INTEGRATION}", body, rate, seconds))
     ended = time.monotonic()
     pending, retrying = mine.zcards(PENDING, RETRYING)
-    _, last_progress = wait_count(lambda: sum(mine.zcards(DELIVERED, DEAD)) - sum(before),
-                                  len(sent.accepted), grace)
+    _, last_progress = wait_count(
+        lambda: sum(mine.zcards(DELIVERED, DEAD)) - sum(before), len(sent.accepted), grace
+    )
     delivered, dead = (now - then for now, then in zip(mine.zcards(DELIVERED, DEAD), before, strict=True))
     by_command = mine.others()
 
@@ -136,8 +137,18 @@ def run_rate(
         arrivals.setdefault(event_id, at)  # the first attempt that reached the upstream
     latencies = sorted((arrivals[i] - t) * 1000 for i, t in sent.accepted.items() if i in arrivals)
     missing = sum(1 for i in sent.accepted if i not in arrivals)
-    return Run(rate, seconds, sent, pending + retrying, delivered, dead, max(last_progress - ended, 0.0),
-               latencies, missing, by_command)
+    return Run(
+        rate,
+        seconds,
+        sent,
+        pending + retrying,
+        delivered,
+        dead,
+        max(last_progress - ended, 0.0),
+        latencies,
+        missing,
+        by_command,
+    )
 
 
 def parse_rates(text: str, default_seconds: float) -> list[tuple[float, float]]:
@@ -158,8 +169,11 @@ def parse_rates(text: str, default_seconds: float) -> list[tuple[float, float]]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="50,200,1000",
-                   help="events/s to send, comma-separated, each optionally RATE:SECONDS")
+    p.add_argument(
+        "--rates",
+        default="50,200,1000",
+        help="events/s to send, comma-separated, each optionally RATE:SECONDS",
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="how long to send at a rate without its own")
     gateway_arguments(p, grace=True)
     return p
@@ -179,8 +193,12 @@ def run(args: argparse.Namespace) -> Outcome:
                 print(f"latency: sending {rate:g} events/s for {seconds:g} s...", file=sys.stderr, flush=True)
                 one = run_rate(stack.client, stack.api, stack.upstream_base, body, rate, seconds, args.grace)
                 runs.append(one)
-                print(f"  {len(one.sent.accepted)} accepted, {one.delivered} delivered, "
-                      f"p50 {percentile(one.latencies_ms, 50):.1f} ms", file=sys.stderr, flush=True)
+                print(
+                    f"  {len(one.sent.accepted)} accepted, {one.delivered} delivered, "
+                    f"p50 {percentile(one.latencies_ms, 50):.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             stack.client.close()
         for name, code in stack.exited():
@@ -198,11 +216,14 @@ def _check(one: Run, grace: float, outcome: Outcome) -> None:
         outcome.problems.append(
             f"latency {one.rate:g}/s: LOST {accepted - one.delivered} events: {accepted} accepted, "
             f"{one.delivered} delivered, {one.dead} dead after {grace:g} s without progress; "
-            f"{one.missing} never reached the upstream")
+            f"{one.missing} never reached the upstream"
+        )
     outcome.notes += one.sent.notes(f"latency {one.rate:g}/s")
     if one.delivered:
-        outcome.details.append(f"latency {one.rate:g}/s: Redis calls per delivered event by command: "
-                             + per_event_text(one.by_command, one.delivered))
+        outcome.details.append(
+            f"latency {one.rate:g}/s: Redis calls per delivered event by command: "
+            + per_event_text(one.by_command, one.delivered)
+        )
 
 
 def figures(one: Run) -> list[Figure]:
@@ -210,23 +231,43 @@ def figures(one: Run) -> list[Figure]:
     lat, answers = one.latencies_ms, sorted(one.sent.answer_ms)
     at = f"{one.rate:g}/s for {one.seconds:g} s"
     latency = Figure(
-        "latency", f"{at}: end to end p50 / p95 / p99 ms",
+        "latency",
+        f"{at}: end to end p50 / p95 / p99 ms",
         f"{percentile(lat, 50):.1f} / {percentile(lat, 95):.1f} / {percentile(lat, 99):.1f}",
-        f"202 answer p50 / p99: {percentile(answers, 50):.1f} / {percentile(answers, 99):.1f}")
+        f"202 answer p50 / p99: {percentile(answers, 50):.1f} / {percentile(answers, 99):.1f}",
+    )
     if one.rate == AT_RATE:
-        latency = Figure(latency.part, latency.measure, latency.value, latency.baseline, "-",
-                         f"p50 <= {P50_MS:g}, p99 <= {P99_MS:g}",
-                         percentile(lat, 50) <= P50_MS and percentile(lat, 99) <= P99_MS)
+        latency = Figure(
+            latency.part,
+            latency.measure,
+            latency.value,
+            latency.baseline,
+            "-",
+            f"p50 <= {P50_MS:g}, p99 <= {P99_MS:g}",
+            percentile(lat, 50) <= P50_MS and percentile(lat, 99) <= P99_MS,
+        )
     achieved = len(one.sent.accepted) / one.sent.seconds
-    backlog = Figure("latency", f"{at}: backlog at end of sending (grew?)",
-                     f"{one.backlog} ({'yes' if one.grew else 'no'})", f"achieved {achieved:.0f}/s")
+    backlog = Figure(
+        "latency",
+        f"{at}: backlog at end of sending (grew?)",
+        f"{one.backlog} ({'yes' if one.grew else 'no'})",
+        f"achieved {achieved:.0f}/s",
+    )
     if one.rate == SUSTAINED_RATE:
-        backlog = Figure(backlog.part, backlog.measure, backlog.value, backlog.baseline, "-",
-                         "does not grow", not one.grew)
+        backlog = Figure(
+            backlog.part, backlog.measure, backlog.value, backlog.baseline, "-", "does not grow", not one.grew
+        )
     commands = Figure("latency", f"{at}: Redis commands per delivered event", f"{one.per_event:.1f}")
     if one.rate in COMMANDS_AT:
-        commands = Figure(commands.part, commands.measure, commands.value, commands.baseline, "-",
-                          f"<= {COMMANDS:g}", one.per_event <= COMMANDS)
+        commands = Figure(
+            commands.part,
+            commands.measure,
+            commands.value,
+            commands.baseline,
+            "-",
+            f"<= {COMMANDS:g}",
+            one.per_event <= COMMANDS,
+        )
     return [latency, backlog, commands]
 
 
@@ -235,27 +276,54 @@ def report(runs: list[Run], body: bytes) -> None:
     for one in runs:
         accepted = len(one.sent.accepted)
         lat = one.latencies_ms
-        rows.append([
-            f"{one.rate:g}", f"{one.seconds:g}", f"{accepted / one.sent.seconds:.0f}",
-            f"{accepted}/{one.delivered}", f"{percentile(lat, 50):.1f}", f"{percentile(lat, 95):.1f}",
-            f"{percentile(lat, 99):.1f}", f"{lat[-1] if lat else float('nan'):.1f}",
-            f"{one.backlog} ({'yes' if one.grew else 'no'})", f"{one.drain_s:.2f}", f"{one.per_event:.1f}",
-        ])
-    print(f"\nlatency: {len(body)}-byte JSON webhooks sent open-loop through `gateway serve` to ONE "
-          "`gateway worker` and a local upstream; latency = upstream arrival - send time")
-    print_table(
-        ["rate/s", "seconds", "achieved/s", "accepted/delivered", "p50 ms", "p95 ms", "p99 ms", "max ms",
-         "backlog at end (grew?)", "tail s", "redis cmds/event"],
-        rows, [True] * 11,
+        rows.append(
+            [
+                f"{one.rate:g}",
+                f"{one.seconds:g}",
+                f"{accepted / one.sent.seconds:.0f}",
+                f"{accepted}/{one.delivered}",
+                f"{percentile(lat, 50):.1f}",
+                f"{percentile(lat, 95):.1f}",
+                f"{percentile(lat, 99):.1f}",
+                f"{lat[-1] if lat else float('nan'):.1f}",
+                f"{one.backlog} ({'yes' if one.grew else 'no'})",
+                f"{one.drain_s:.2f}",
+                f"{one.per_event:.1f}",
+            ]
+        )
+    print(
+        f"\nlatency: {len(body)}-byte JSON webhooks sent open-loop through `gateway serve` to ONE "
+        "`gateway worker` and a local upstream; latency = upstream arrival - send time"
     )
-    print("backlog: pending + retrying when the sending ended ('grew' when > 10 % of a second's events, "
-          "min 10); tail: from the end of the sending to the last delivery; redis cmds/event: every "
-          "client's commands (API, worker), those run inside Lua scripts included, over the run / "
-          "events delivered, the benchmark's own polling subtracted")
+    print_table(
+        [
+            "rate/s",
+            "seconds",
+            "achieved/s",
+            "accepted/delivered",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "backlog at end (grew?)",
+            "tail s",
+            "redis cmds/event",
+        ],
+        rows,
+        [True] * 11,
+    )
+    print(
+        "backlog: pending + retrying when the sending ended ('grew' when > 10 % of a second's events, "
+        "min 10); tail: from the end of the sending to the last delivery; redis cmds/event: every "
+        "client's commands (API, worker), those run inside Lua scripts included, over the run / "
+        "events delivered, the benchmark's own polling subtracted"
+    )
     for one in runs:
         if one.delivered:
-            print(f"  rate {one.rate:g}, redis calls per event by command: "
-                  + per_event_text(one.by_command, one.delivered))
+            print(
+                f"  rate {one.rate:g}, redis calls per event by command: "
+                + per_event_text(one.by_command, one.delivered)
+            )
 
 
 def main() -> int:

@@ -92,8 +92,9 @@ class Growth:
 
 def _sample(pids: dict[str, int], mine: CountingRedis, started: float) -> Sample:
     pending, retrying = mine.zcards(state_key("pending"), state_key("retrying"))
-    return Sample(time.monotonic() - started, {name: rss_bytes(pid) for name, pid in pids.items()},
-                  pending + retrying)
+    return Sample(
+        time.monotonic() - started, {name: rss_bytes(pid) for name, pid in pids.items()}, pending + retrying
+    )
 
 
 async def _sampler(pids: dict[str, int], mine: CountingRedis, every_s: float, out: list[Sample]) -> None:
@@ -104,8 +105,7 @@ async def _sampler(pids: dict[str, int], mine: CountingRedis, every_s: float, ou
         await asyncio.sleep(every_s)
 
 
-async def _load(stack: GatewayStack, body: bytes, args: argparse.Namespace,
-                samples: list[Sample]) -> Sent:
+async def _load(stack: GatewayStack, body: bytes, args: argparse.Namespace, samples: list[Sample]) -> Sent:
     """The sending, with the sampler beside it; a last sample when the sending ends."""
     pids = {"api": stack.gateway.pid, "worker": stack.worker.pid}
     mine = CountingRedis(stack.client)
@@ -146,15 +146,19 @@ def run(args: argparse.Namespace) -> Outcome:
         port = free_port()
         stack = start_stack(h, gateway_config(port), port, args.log_level)
         try:
-            print(f"soak: {args.rate:g} events/s for {args.minutes:g} min, RSS every {args.sample_s:g} s...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"soak: {args.rate:g} events/s for {args.minutes:g} min, RSS every {args.sample_s:g} s...",
+                file=sys.stderr,
+                flush=True,
+            )
             recorded_before = upstream_stats(stack.upstream_base).recorded
             sent = uvloop.run(_load(stack, body, args, samples))
             delivered = _check_delivered(stack, sent, recorded_before, args.grace, outcome)
         finally:
             stack.client.close()
-        outcome.problems += [f"soak: {name} exited with {code}: {h.log(name)[-2000:]}"
-                             for name, code in stack.exited()]
+        outcome.problems += [
+            f"soak: {name} exited with {code}: {h.log(name)[-2000:]}" for name, code in stack.exited()
+        ]
     outcome.notes += sent.notes("soak")
     growths = [growth(name, samples, args.warmup) for name in ("api", "worker")]
     report(growths, samples, sent, delivered, args)
@@ -162,8 +166,9 @@ def run(args: argparse.Namespace) -> Outcome:
     return outcome
 
 
-def _check_delivered(stack: GatewayStack, sent: Sent, recorded_before: int, grace: float,
-                     outcome: Outcome) -> int:
+def _check_delivered(
+    stack: GatewayStack, sent: Sent, recorded_before: int, grace: float, outcome: Outcome
+) -> int:
     """Waits for the accepted events to be delivered; every one must reach the upstream."""
     mine = CountingRedis(stack.client)
     want = len(sent.accepted)
@@ -171,32 +176,63 @@ def _check_delivered(stack: GatewayStack, sent: Sent, recorded_before: int, grac
     arrived = set(upstream_stats(stack.upstream_base, recorded_before).ids)
     missing = sum(1 for event_id in sent.accepted if event_id not in arrived)
     if delivered < want or missing:
-        outcome.problems.append(f"soak: {want} accepted, {delivered} delivered after {grace:g} s without "
-                                f"progress; {missing} never reached the upstream")
+        outcome.problems.append(
+            f"soak: {want} accepted, {delivered} delivered after {grace:g} s without "
+            f"progress; {missing} never reached the upstream"
+        )
     return delivered
 
 
 def figure(g: Growth, args: argparse.Namespace) -> Figure:
     """The suite's row: RSS at the end beside the start reading."""
     return Figure(
-        "soak", f"RSS of the {g.name}, {args.rate:g}/s for {args.minutes:g} min: end (growth, slope)",
+        "soak",
+        f"RSS of the {g.name}, {args.rate:g}/s for {args.minutes:g} min: end (growth, slope)",
         f"{g.end / MIB:.1f} MiB ({g.growth / MIB:+.1f} MiB, {g.slope_mib_per_min:+.2f} MiB/min)",
-        f"start (after {args.warmup:g} s) {g.start / MIB:.1f} MiB", f"{g.end / max(g.start, 1):.3f}",
-        f"growth <= {GROWTH_SHARE:.0%} or {GROWTH_BYTES // MIB} MiB", g.flat)
+        f"start (after {args.warmup:g} s) {g.start / MIB:.1f} MiB",
+        f"{g.end / max(g.start, 1):.3f}",
+        f"growth <= {GROWTH_SHARE:.0%} or {GROWTH_BYTES // MIB} MiB",
+        g.flat,
+    )
 
 
-def report(growths: list[Growth], samples: list[Sample], sent: Sent, delivered: int,
-           args: argparse.Namespace) -> None:
-    rows = [[g.name, f"{g.start / MIB:.1f}", f"{g.end / MIB:.1f}", f"{g.growth / MIB:+.1f}",
-             f"{g.growth / max(g.start, 1) * 100:+.1f}", f"{g.slope_mib_per_min:+.3f}",
-             "yes" if g.flat else "NO"] for g in growths]
-    print(f"\nsoak: {args.rate:g} events/s for {args.minutes:g} min through `gateway serve` and ONE "
-          f"`gateway worker`; {len(sent.accepted)} accepted, {delivered} delivered; {len(samples)} samples, "
-          f"backlog at the end {samples[-1].backlog}, at most {max(s.backlog for s in samples)}")
-    print_table(["process", f"RSS MiB at {args.warmup:g} s", "at end", "growth MiB", "growth %",
-                 "slope MiB/min", "flat?"], rows, [False, *[True] * 6])
-    print(f"flat: growth <= {GROWTH_SHARE:.0%} of the start or {GROWTH_BYTES // MIB} MiB; slope: least "
-          "squares over the samples after the warm-up; RSS: VmRSS of the process and its children")
+def report(
+    growths: list[Growth], samples: list[Sample], sent: Sent, delivered: int, args: argparse.Namespace
+) -> None:
+    rows = [
+        [
+            g.name,
+            f"{g.start / MIB:.1f}",
+            f"{g.end / MIB:.1f}",
+            f"{g.growth / MIB:+.1f}",
+            f"{g.growth / max(g.start, 1) * 100:+.1f}",
+            f"{g.slope_mib_per_min:+.3f}",
+            "yes" if g.flat else "NO",
+        ]
+        for g in growths
+    ]
+    print(
+        f"\nsoak: {args.rate:g} events/s for {args.minutes:g} min through `gateway serve` and ONE "
+        f"`gateway worker`; {len(sent.accepted)} accepted, {delivered} delivered; {len(samples)} samples, "
+        f"backlog at the end {samples[-1].backlog}, at most {max(s.backlog for s in samples)}"
+    )
+    print_table(
+        [
+            "process",
+            f"RSS MiB at {args.warmup:g} s",
+            "at end",
+            "growth MiB",
+            "growth %",
+            "slope MiB/min",
+            "flat?",
+        ],
+        rows,
+        [False, *[True] * 6],
+    )
+    print(
+        f"flat: growth <= {GROWTH_SHARE:.0%} of the start or {GROWTH_BYTES // MIB} MiB; slope: least "
+        "squares over the samples after the warm-up; RSS: VmRSS of the process and its children"
+    )
 
 
 def main() -> int:
