@@ -127,6 +127,8 @@ class Upstream:
             return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        # Handlers still waiting (a reply that hangs) would be destroyed pending with the loop.
+        asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -147,3 +149,10 @@ class Upstream:
             time.sleep(0.01)
         with self._lock:
             return list(self.received)
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
