@@ -231,6 +231,16 @@ local function last_held(integ)
   local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
   return tonumber(top[2] or 0)
 end
+-- The score that holds an event after every event held before it: its received ms, or, when that
+-- would not sort it after them (several in one millisecond), the last score + 1/1024 (a step that
+-- a double keeps exactly below 2^43 ms, the year 2248). Ids sort by millisecond only, so a tie of
+-- scores would order same-millisecond events at random. `last`: integration -> the last held
+-- score (from last_held, then each call's).
+local function held_score(last, integ, now)
+  local score = math.max(tonumber(now), last[integ] + 1 / 1024)
+  last[integ] = score
+  return string.format('%.17g', score)
+end
 -- Integration health over a batch of finished attempts: each integration's hash is read once
 -- (health_load), every attempt counted in order (health_count), and the changes written once
 -- (health_write). FINISH_MANY (the relay) and PROXIED (proxy mode) count alike.
@@ -345,15 +355,6 @@ ACCEPT = (
 local now, idem_px, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local take = fields(ARGV[5], ARGV[6])
 local out, seen, strings, due, indexed, holding, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
--- A held event's score: its received ms, or, when that would not sort it after every event held
--- before it (several in one millisecond), the last score + 1/1024 (a step that a double keeps
--- exactly below 2^43 ms, the year 2248). Ids sort by millisecond only, so a tie of scores would
--- order same-millisecond events at random.
-local function held_score(integ)
-  local score = math.max(tonumber(now), last[integ] + 1 / 1024)
-  last[integ] = score
-  return string.format('%.17g', score)
-end
 for k = 1, count do
   local id, integ, idem, blob = take(), take(), take(), take()
   local first = false
@@ -378,7 +379,7 @@ for k = 1, count do
     end
     if holding[integ] then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
-      group(indexed, st(integ, 'held'), held_score(integ), id)
+      group(indexed, st(integ, 'held'), held_score(last, integ, now), id)
     else
       redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
       group(due, integ, now, id)
@@ -696,9 +697,7 @@ for k, item in ipairs(items) do
     state = 'held'
     r[2] = state
     if last[integ] == nil then last[integ] = last_held(integ) end
-    score = math.max(now, last[integ] + 1 / 1024)
-    last[integ] = score
-    score = string.format('%.17g', score)
+    score = held_score(last, integ, now)
   end
   if state == 'retrying' then
     redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', item[5])
