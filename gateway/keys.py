@@ -15,6 +15,9 @@ Layout under a prefix P (default "gw"):
                                   Retry-After wait); absent while it has nothing due or is at its
                                   `max_in_flight` (then `capped` is set in P:int); workers take
                                   what is due in batches (CLAIM_DUE), shared between integrations
+    P:due                  zset   the one schedule of every integration that gateways before
+                                  per-integration schedules kept; a worker that starts moves it
+                                  (MIGRATE_DUE), so an upgrade loses no scheduled attempt
     P:bell                 list   rung (RPUSH) when a script moves a ready time earlier; an idle
                                   worker waits on it (BLPOP) until the earliest ready time
     P:lease                zset   id -> lease expiry ms, for in-flight events
@@ -949,6 +952,35 @@ for _, integ in ipairs(redis.call('SMEMBERS', P .. ':attention')) do
   end
 end
 return out
+"""
+)
+
+# ARGV: prefix. Moves a schedule written by a gateway before per-integration schedules (one zset
+# P:due of id -> due ms for every integration) into P:due:{integration} and P:ready, so that an
+# upgrade loses no scheduled attempt. Entries whose event is gone are dropped. Returns how many
+# moved.
+MIGRATE_DUE = (
+    _PRELUDE
+    + """
+local old = P .. ':due'
+if redis.call('TYPE', old).ok ~= 'zset' then return 0 end
+local moved = 0
+while true do
+  local batch = redis.call('ZRANGE', old, 0, 999, 'WITHSCORES')
+  if #batch == 0 then break end
+  local dues = {}
+  for k = 1, #batch, 2 do
+    local integ = redis.call('HGET', ev(batch[k]), 'i')
+    if integ then
+      group(dues, integ, batch[k + 1], batch[k])
+      moved = moved + 1
+    end
+  end
+  schedule(dues)
+  redis.call('ZREMRANGEBYRANK', old, 0, #batch / 2 - 1)
+end
+if moved > 0 then ring() end
+return moved
 """
 )
 

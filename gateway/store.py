@@ -235,6 +235,7 @@ class Store:
         self._trim = redis.register_script(keys.TRIM)
         self._unlock = redis.register_script(keys.UNLOCK)
         self._proxied = redis.register_script(keys.PROXIED)
+        self._migrate_due = redis.register_script(keys.MIGRATE_DUE)
         self._attention = redis.register_script(keys.ATTENTION)
         self._proxy_view = redis.register_script(keys.PROXY_VIEW)
         self._copies = redis.register_script(keys.COPIES)
@@ -277,6 +278,10 @@ class Store:
             for i in range(1, len(flat), 6)
         ]
         return claimed, math.ceil(float(flat[0]))
+
+    async def migrate_due(self) -> int:
+        """Moves a schedule from before per-integration schedules into them; returns how many."""
+        return int(await self._migrate_due(args=[self.keys.prefix]))
 
     async def wait_for_bell(self, timeout_s: float) -> bool:
         """Waits until a script rings the bell (something became due sooner), at most `timeout_s`."""

@@ -569,6 +569,8 @@ async def _run_once(settings: Settings, *, stopping: asyncio.Event) -> None:
         handle_signals=True,
     )
     worker.on_stop = lambda _: stopping.set()
+    if moved := await store.migrate_due():
+        log.info("moved %d scheduled attempts to the per-integration schedules", moved)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     tasks = [
         asyncio.create_task(Pump(settings, store, deliverer).run_forever()),

@@ -233,3 +233,22 @@ def test_drained_events_lost_with_their_worker_go_back_to_their_places(
     assert [f.state for f in finished] == [EventState.HELD, EventState.HELD]
     assert cast(list[tuple[bytes, float]], rdb.zrange("gw:st:crm:held", 0, -1, withscores=True)) == held
     assert rdb.zcard(DUE) == 0
+
+
+def test_a_schedule_from_before_per_integration_schedules_is_moved_not_lost(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    """An upgrade finds the one schedule of every integration (P:due, id -> due ms): the worker
+    moves its entries into the integrations' own, and they are claimed as before."""
+
+    async def body(store: Store) -> tuple[int, list[Claimed], int]:
+        ids = await accept(store, 3)
+        # as the previous gateway kept them: the per-integration schedule empty, P:due holding all
+        rdb.delete(DUE, store.keys.ready)
+        rdb.zadd(f"{store.keys.prefix}:due", {event_id: now_ms() - 5 for event_id in ids})
+        moved = await store.migrate_due()
+        return moved, await claim(store, 10), await store.migrate_due()
+
+    moved, claimed, again = run(redis_url, body)
+    assert (moved, len(claimed), again) == (3, 3, 0)
+    assert rdb.exists("gw:due") == 0
