@@ -10,7 +10,8 @@ import click
 
 from gateway import client
 from gateway.errors import ConfigError
-from gateway.settings import Settings, load_config
+from gateway.events import EventState
+from gateway.settings import DEFAULT_CONFIG_PATH, Settings, load_config
 
 
 def _settings(config_path: str | None = None) -> Settings:
@@ -18,8 +19,7 @@ def _settings(config_path: str | None = None) -> Settings:
     try:
         return Settings.from_env(config_path)
     except ConfigError as exc:
-        click.echo(f"gateway: invalid config: {exc}", err=True)
-        sys.exit(2)
+        raise client.Refused(f"invalid config: {exc}", exit_code=2) from None
 
 
 def _logging(default_format: str = "json") -> None:
@@ -37,12 +37,11 @@ def main() -> None:
 @click.argument("path", required=False)
 def check_config(path: str | None) -> None:
     """Validate a config file (default: $GATEWAY_CONFIG or config/gateway.toml)."""
-    path = path or os.environ.get("GATEWAY_CONFIG") or "config/gateway.toml"
+    path = path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
     try:
         config = load_config(path)
     except ConfigError as exc:
-        click.echo(f"gateway: invalid config: {exc}", err=True)
-        sys.exit(2)
+        raise client.Refused(f"invalid config: {exc}", exit_code=2) from None
     click.echo(f"{path}: ok, {len(config.integrations)} integration(s)")
 
 
@@ -50,7 +49,7 @@ def check_config(path: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 def serve(host: str, port: int) -> None:
-    """Run the API process: ingress, health."""
+    """Run the API process: the helpdesk's URLs (relay and proxy), the admin API, metrics, health."""
     import uvicorn
 
     from gateway.app import create_app
@@ -58,12 +57,11 @@ def serve(host: str, port: int) -> None:
     _logging()
     settings = _settings()
     if settings.admin_token is None:
-        click.echo(
-            "gateway: GATEWAY_ADMIN_TOKEN is not set; the API will not start with an unprotected admin API "
+        raise client.Refused(
+            "GATEWAY_ADMIN_TOKEN is not set; the API will not start with an unprotected admin API "
             "(set it to a long random string; `gateway dev` makes one for you)",
-            err=True,
+            exit_code=2,
         )
-        sys.exit(2)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -111,7 +109,7 @@ def dev(host: str, port: int, echo_port: int) -> None:
 
 @main.command()
 @client.api_options
-def integrations(url: str | None, token: str | None, as_json: bool) -> None:
+def integrations(url: str, token: str | None, as_json: bool) -> None:
     """List integrations with their state, failures and held events."""
     client.output(client.call("GET", "/admin/integrations", url, token), as_json)
 
@@ -119,7 +117,7 @@ def integrations(url: str | None, token: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @client.api_options
-def pause(name: str, url: str | None, token: str | None, as_json: bool) -> None:
+def pause(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Pause an integration: nothing is sent to it, new events are held (no automatic probes)."""
     client.output(client.call("POST", f"/admin/integrations/{quote(name)}/pause", url, token), as_json)
 
@@ -127,14 +125,14 @@ def pause(name: str, url: str | None, token: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @client.api_options
-def resume(name: str, url: str | None, token: str | None, as_json: bool) -> None:
+def resume(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Resume an integration: its held events are delivered in arrival order, at a bounded rate."""
     client.output(client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token), as_json)
 
 
 @main.command()
 @click.option("--integration", help="Only this integration's events.")
-@click.option("--state", type=click.Choice(["pending", "in_flight", "retrying", "held", "delivered", "dead"]))
+@click.option("--state", type=click.Choice([s.value for s in EventState]))
 @click.option("--since", help="Received at or after: ms since the epoch or an ISO 8601 time.")
 @click.option("--until", help="Received at or before: ms since the epoch or an ISO 8601 time.")
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
@@ -147,7 +145,7 @@ def events(
     until: str | None,
     limit: int,
     cursor: str | None,
-    url: str | None,
+    url: str,
     token: str | None,
     as_json: bool,
 ) -> None:
@@ -160,7 +158,7 @@ def events(
 @main.command()
 @click.argument("event_id")
 @client.api_options
-def event(event_id: str, url: str | None, token: str | None, as_json: bool) -> None:
+def event(event_id: str, url: str, token: str | None, as_json: bool) -> None:
     """Show one event: its request and every attempt."""
     client.output(client.call("GET", f"/admin/events/{quote(event_id)}", url, token), as_json, "event")
 
@@ -168,7 +166,11 @@ def event(event_id: str, url: str | None, token: str | None, as_json: bool) -> N
 @main.command()
 @click.argument("event_id", required=False)
 @click.option("--integration", help="Bulk: only this integration's events.")
-@click.option("--state", help="Bulk: events in this state (default dead).")
+@click.option(
+    "--state",
+    type=click.Choice([s.value for s in EventState]),
+    help="Bulk: events in this state (default dead).",
+)
 @click.option("--since", help="Bulk: received at or after (ms since the epoch or ISO 8601).")
 @click.option("--until", help="Bulk: received at or before.")
 @click.option("--show", "show_id", metavar="REPLAY_ID", help="Show a bulk replay's progress.")
@@ -182,7 +184,7 @@ def replay(
     until: str | None,
     show_id: str | None,
     cancel_id: str | None,
-    url: str | None,
+    url: str,
     token: str | None,
     as_json: bool,
 ) -> None:
@@ -203,6 +205,6 @@ def replay(
 
 @main.command()
 @client.api_options
-def status(url: str | None, token: str | None, as_json: bool) -> None:
+def status(url: str, token: str | None, as_json: bool) -> None:
     """Live workers, queue depth, and every integration with its events by state."""
     client.output(client.call("GET", "/admin/status", url, token), as_json, "status")

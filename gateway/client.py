@@ -1,29 +1,37 @@
-"""Operator commands: `gateway pause NAME`, `gateway resume NAME`, `gateway integrations`.
-
-They call the admin API (GATEWAY_URL, GATEWAY_ADMIN_TOKEN, or --url and --token) and print a
-readable table, or the API's JSON with --json.
+"""What the operator commands share: `gateway integrations`, `pause`, `resume`, `events`, `event`,
+`replay`, `status` call the admin API (--url and --token, or GATEWAY_URL and GATEWAY_ADMIN_TOKEN)
+and print a readable table, or the API's JSON with --json; a refusal ends them with a plain line.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import click
 import httpx
 import orjson
 
-
-def _fail(message: str) -> None:
-    click.echo(f"gateway: {message}", err=True)
-    sys.exit(1)
+from gateway.settings import DEFAULT_URL
 
 
-def call(method: str, path: str, url: str | None, token: str | None, body: Any = None) -> Any:
-    base = (url or os.environ.get("GATEWAY_URL") or "http://127.0.0.1:8000").rstrip("/")
-    token = token or os.environ.get("GATEWAY_ADMIN_TOKEN")
+class Refused(click.ClickException):
+    """Ends a command with `gateway: <message>` on stderr, and exit status 1 (2: a bad config)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"gateway: {self.format_message()}", err=True)
+
+
+def _fail(message: str) -> NoReturn:
+    raise Refused(message)
+
+
+def call(method: str, path: str, url: str, token: str | None, body: Any = None) -> Any:
+    base = url.rstrip("/")
     if not token:
         _fail("no admin token: set GATEWAY_ADMIN_TOKEN or pass --token")
     try:
@@ -184,8 +192,14 @@ def output(data: Any, as_json: bool, kind: str = "integration") -> None:
 
 def api_options(command: Any) -> Any:
     command = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")(command)
-    command = click.option("--token", help="Admin token (default: $GATEWAY_ADMIN_TOKEN).")(command)
-    command = click.option("--url", help="The gateway API (default: $GATEWAY_URL or http://127.0.0.1:8000).")(
-        command
-    )
+    command = click.option(
+        "--token", envvar="GATEWAY_ADMIN_TOKEN", help="Admin token [env: GATEWAY_ADMIN_TOKEN]."
+    )(command)
+    command = click.option(
+        "--url",
+        envvar="GATEWAY_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        help="The gateway API [env: GATEWAY_URL].",
+    )(command)
     return command

@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ from gateway.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_URL = "http://127.0.0.1:8000"  # where the API listens, and the operator commands look
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -235,14 +237,11 @@ class Config(_Model):
         """A configured integration, or an alert sink's (named "_alert-N"), by name."""
         return self._by_name.get(name)
 
-    @property
+    @cached_property
     def alert_sinks(self) -> list[Integration]:
         """Each [[alerts]] entry as an internal integration, so alerts are delivered with retries
         like any event. Built once (the config does not change while it is loaded)."""
-        cached: list[Integration] | None = self.__dict__.get("_alert_sinks_cache")
-        if cached is not None:
-            return cached
-        cached = self.__dict__["_alert_sinks_cache"] = [
+        return [
             Integration.model_construct(
                 name=f"_alert-{n}",
                 target=alert.url,
@@ -265,15 +264,10 @@ class Config(_Model):
             )
             for n, alert in enumerate(self.alerts)
         ]
-        return cached
 
-    @property
+    @cached_property
     def _by_name(self) -> dict[str, Integration]:
-        cached: dict[str, Integration] | None = self.__dict__.get("_by_name_cache")
-        if cached is None:
-            cached = {i.name: i for i in [*self.integrations, *self.alert_sinks]}
-            self.__dict__["_by_name_cache"] = cached
-        return cached
+        return {i.name: i for i in [*self.integrations, *self.alert_sinks]}
 
     @property
     def longest_timeout_s(self) -> float:
@@ -340,7 +334,7 @@ class Settings:
     config_path: str
     redis_url: str
     key_prefix: str
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = DEFAULT_URL
     admin_token: SecretStr | None = None
 
     @classmethod
@@ -354,7 +348,7 @@ class Settings:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", prefix):
             raise ConfigError("GATEWAY_KEY_PREFIX", "", "use 1-32 letters, digits, '_', '.' or '-'")
         token = env.get("GATEWAY_ADMIN_TOKEN")
-        public_url = (env.get("GATEWAY_URL") or "http://127.0.0.1:8000").rstrip("/")
+        public_url = (env.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
         return cls(
             load_config(path, env), path, redis_url, prefix, public_url, SecretStr(token) if token else None
         )
