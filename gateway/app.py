@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.admin import Admin
 from gateway.alerts import Alerts
 from gateway.errors import HTTPError
-from gateway.health import Health
+from gateway.health import Readiness
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> GatewayApp:
     alerts = Alerts(config, settings.public_url, store)
     proxy = Proxy(config, store, alerts)
     ingress = Ingress(config, batcher, proxy, refusals.add)
-    health = Health(store, config.gateway.store_timeout_s)
+    health = Readiness(store, config.gateway.store_timeout_s)
     metrics = Metrics(config, store)
     admin = Admin(settings, store, alerts, proxy.forget_pause)
 

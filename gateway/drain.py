@@ -27,7 +27,7 @@ from gateway.alerts import AlertKind, Alerts
 from gateway.delivery import Result, Verdict, backoff_s
 from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Integration, Settings
-from gateway.store import Finished, Store
+from gateway.store import Finished, Store, every
 
 if TYPE_CHECKING:
     from gateway.worker import Deliverer
@@ -59,12 +59,7 @@ class Drainer:
 
     async def run_forever(self) -> None:
         try:
-            while True:
-                try:
-                    await self.run_once()
-                except (RedisError, OSError) as exc:
-                    log.warning("drainer: Redis unavailable (%s); trying again", exc)
-                await asyncio.sleep(CHECK_INTERVAL_S)
+            await every(CHECK_INTERVAL_S, "drainer", self.run_once)
         finally:
             for task in self._running.values():
                 task.cancel()

@@ -16,7 +16,9 @@ from gateway.store import Store
 OK = b'{"status":"ok"}'
 
 
-class Health:
+class Readiness:
+    """The API process's /healthz and /readyz."""
+
     def __init__(self, store: Store, timeout_s: float) -> None:
         self._store = store
         self._timeout_s = timeout_s

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from gateway.errors import Conflict
 from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Config
-from gateway.store import Store
+from gateway.store import Store, every
 
 log = logging.getLogger("gateway.replays")
 
@@ -142,12 +141,7 @@ class ReplayRunner:
         self._owner = f"{os.getpid()}-{id(self)}"
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except (RedisError, OSError) as exc:
-                log.warning("replays: Redis unavailable (%s); trying again", exc)
-            await asyncio.sleep(CHECK_INTERVAL_S)
+        await every(CHECK_INTERVAL_S, "replays", self.run_once)
 
     async def run_once(self) -> None:
         redis, keys = self._store.redis, self._store.keys

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Generic, TypeVar, cast
 
 import orjson
@@ -25,6 +27,7 @@ from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
 from gateway.settings import Integration
 
+log = logging.getLogger("gateway.store")
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_MS = 10_000  # a worker silent for longer is not counted as live
 
@@ -61,17 +64,25 @@ class NewEvent:
     request_blob: bytes
 
 
+class Count(StrEnum):
+    """What an attempt counts for in its integration's consecutive failures (the scripts' codes)."""
+
+    SUCCESS = "S"  # resets the count
+    FAILURE = "F"  # adds one
+    NEITHER = "-"  # sent nothing (a lost worker, a pause) or an alert sink's
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """What an attempt says about its integration's health, and the limits that apply."""
 
-    code: str  # "S" success, "F" a failure that counts, "-" neither
+    code: Count
     threshold: int = 1 << 30
     last_error: str = ""
     cooldown_s: float = 30.0
 
 
-NOT_COUNTED = Health("-")
+NOT_COUNTED = Health(Count.NEITHER)
 
 
 def health_of(integration: Integration | None, result: Result) -> Health:
@@ -80,9 +91,9 @@ def health_of(integration: Integration | None, result: Result) -> Health:
     if integration is None or integration.internal or result.error in NOT_SENT:
         return NOT_COUNTED
     if result.ok:
-        return Health("S")
+        return Health(Count.SUCCESS)
     error = f"HTTP {result.status}" if result.status is not None else f"{result.error}: {result.detail}"
-    return Health("F", integration.failure_threshold, error, integration.probe_cooldown_s)
+    return Health(Count.FAILURE, integration.failure_threshold, error, integration.probe_cooldown_s)
 
 
 STATE_OF = {s.value.encode(): s for s in EventState}  # a lookup: EventState(...) is slow
@@ -526,6 +537,17 @@ class Store:
 
     async def live_workers(self) -> int:
         return int(await self.redis.zcount(self.keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf"))
+
+
+async def every(interval_s: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Runs `step` every `interval_s` until cancelled; a Redis outage is logged and waited out, so
+    one lost connection never ends a worker's loop."""
+    while True:
+        try:
+            await step()
+        except (RedisError, OSError) as exc:
+            log.warning("%s: Redis unavailable (%s); trying again", name, exc)
+        await asyncio.sleep(interval_s)
 
 
 T = TypeVar("T")

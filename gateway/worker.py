@@ -47,7 +47,7 @@ from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
 from gateway.settings import DEFAULT_MAX_IN_FLIGHT, Config, Integration, RetryPolicy, Settings
-from gateway.store import HEARTBEAT_S, Batcher, Claimed, Finish, Finished, Store, health_of
+from gateway.store import HEARTBEAT_S, Batcher, Claimed, Finish, Finished, Store, every, health_of
 
 log = logging.getLogger("gateway.worker")
 
@@ -434,12 +434,7 @@ class Reconciler:
         self._interval_s = settings.config.worker.reconcile_interval_s
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except (RedisError, OSError) as exc:
-                log.warning("reconciler: Redis unavailable (%s); trying again", exc)
-            await asyncio.sleep(self._interval_s)
+        await every(self._interval_s, "reconciler", self.run_once)
 
     async def run_once(self) -> int:
         fixed = 0
@@ -478,12 +473,12 @@ async def trim(config: Config, store: Store) -> int:
 
 
 async def _beat(store: Store, worker_id: str) -> None:
-    for beat in itertools.count():
-        try:
-            await store.beat(worker_id, forget_silent=beat % 30 == 0)
-        except (RedisError, OSError) as exc:
-            log.warning("heartbeat: Redis unavailable (%s)", exc)
-        await asyncio.sleep(HEARTBEAT_S)
+    beats = itertools.count()
+
+    async def beat() -> None:
+        await store.beat(worker_id, forget_silent=next(beats) % 30 == 0)
+
+    await every(HEARTBEAT_S, "heartbeat", beat)
 
 
 def arq_redis_settings(url: str) -> RedisSettings:

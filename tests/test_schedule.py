@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
 from gateway.keys import Keys
-from gateway.store import NOT_COUNTED, Claimed, Finish, Health, NewEvent, Store
+from gateway.store import NOT_COUNTED, Claimed, Count, Finish, Health, NewEvent, Store
 
 POLICIES = orjson.dumps({"crm": [4000, 100, 0, 1, 0]})  # lease ms, max in flight, rate, burst, ordered
 DEFAULT = orjson.dumps([9000, 32, 0, 1, 0])
@@ -58,7 +58,7 @@ def record(n: int, outcome: EventState, status: int | None = 200) -> AttemptReco
 
 
 def failed(claimed: Claimed, threshold: int, due_ms: int = 0) -> Finish:
-    health = Health("F", threshold, "HTTP 500", 30.0)
+    health = Health(Count.FAILURE, threshold, "HTTP 500", 30.0)
     return Finish(
         claimed.event_id,
         claimed.attempt,
@@ -71,7 +71,9 @@ def failed(claimed: Claimed, threshold: int, due_ms: int = 0) -> Finish:
 
 def delivered(claimed: Claimed) -> Finish:
     state = EventState.DELIVERED
-    return Finish(claimed.event_id, claimed.attempt, state, record(claimed.attempt, state), Health("S"))
+    return Finish(
+        claimed.event_id, claimed.attempt, state, record(claimed.attempt, state), Health(Count.SUCCESS)
+    )
 
 
 def zmembers(rdb: redis.Redis, key: str) -> list[str]:
@@ -143,7 +145,9 @@ def test_finish_many_is_fenced_per_item_and_a_success_resets_the_count(
         ids = [a.event_id, b.event_id, c.event_id]
         first = await store.finish_many([failed(a, 100), delivered(b)])
         # a again (already finished), b with a wrong attempt number, then c: only c counts.
-        stale_b = Finish(b.event_id, 7, EventState.DELIVERED, record(7, EventState.DELIVERED), Health("S"))
+        stale_b = Finish(
+            b.event_id, 7, EventState.DELIVERED, record(7, EventState.DELIVERED), Health(Count.SUCCESS)
+        )
         second = await store.finish_many([failed(a, 100), stale_b, failed(c, 100)])
         return ids, first, second
 
