@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.admin import Admin
 from gateway.alerts import Alerts
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_json
 from gateway.health import Readiness
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics, Refusals
@@ -32,7 +30,7 @@ log = logging.getLogger("gateway.api")
 
 
 def json_error(status: int, code: str, detail: str) -> Response:
-    return Response(orjson.dumps({"error": code, "detail": detail}), status, media_type="application/json")
+    return Response(error_json(code, detail), status, media_type="application/json")
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
@@ -88,12 +86,12 @@ def create_app(settings: Settings) -> GatewayApp:
     admin = Admin(settings, store, alerts, proxy.forget_pause)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log.info("API ready with %d integrations", len(config.integrations))
         flusher = asyncio.create_task(refusals.flush_forever())
         await proxy.start()
         try:
-            yield {"store": store}
+            yield
         finally:
             flusher.cancel()
             await proxy.close()
@@ -113,7 +111,7 @@ def create_app(settings: Settings) -> GatewayApp:
             HTTPError: _gateway_error,
             HTTPException: _http_exception,
             RedisError: _store_unavailable,
-            OSError: _store_unavailable,
+            TimeoutError: _store_unavailable,
             Exception: _unexpected,
         },
     )

@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from gateway import signing
+from gateway.errors import BlockedTarget
 from gateway.settings import Integration, RetryPolicy
 
 SNIPPET_BYTES = 2048
@@ -53,10 +54,6 @@ NOT_SENT = frozenset(
 
 # Errors a later attempt cannot fix.
 FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.TOO_LARGE})
-
-
-class BlockedTarget(Exception):
-    """The target resolves only to addresses outside what the SSRF guard allows."""
 
 
 @dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much

@@ -3,6 +3,7 @@
 GatewayError
  ├── ConfigError            a config file or the environment is wrong; the process refuses to start
  ├── StoreUnavailable       Redis did not answer in time; ingress answers 503
+ ├── BlockedTarget          the SSRF guard refused a target's address; the attempt is dead
  └── HTTPError              turned into a JSON error answer (see `gateway.app`)
       ├── InternalError     500, a bug: logged with its traceback, never shown to the client
       ├── InvalidParameter  422, a query parameter the admin API cannot use
@@ -17,6 +18,8 @@ GatewayError
 """
 
 from __future__ import annotations
+
+import orjson
 
 
 class GatewayError(Exception):
@@ -38,6 +41,15 @@ class StoreUnavailable(GatewayError):
     """Redis could not be reached, or did not answer within the store's deadline."""
 
 
+class BlockedTarget(GatewayError):
+    """The target resolves only to addresses outside what the SSRF guard allows."""
+
+
+def error_json(code: str, detail: str) -> bytes:
+    """The body of every error answer, from Starlette's handlers and the raw ingress alike."""
+    return orjson.dumps({"error": code, "detail": detail})
+
+
 class HTTPError(GatewayError):
     status_code = 500
     code = "internal_error"
@@ -46,6 +58,10 @@ class HTTPError(GatewayError):
         self.detail = detail
         self.headers = headers  # added to the answer (proxy mode: x-gateway-cache, -event-id)
         super().__init__(detail)
+
+    @property
+    def body(self) -> bytes:
+        return error_json(self.code, self.detail)
 
 
 class InternalError(HTTPError):

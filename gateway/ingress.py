@@ -4,7 +4,7 @@ mode: hand the request to `gateway.proxy` and answer what it says.
 This is the hottest path of the gateway, so it is a plain ASGI app mounted at /hooks: one pass
 over the raw headers, no Request or Response objects (measured: Starlette's request/response
 machinery cost more per request than everything the gateway itself does). Its errors are answered
-with the same JSON bodies as the rest of the API (`error_body`).
+with the same JSON bodies as the rest of the API (`gateway.errors.error_json`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote, urlencode
 
-import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import (
@@ -61,10 +60,6 @@ MAX_IDEMPOTENCY_KEY = 200
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def error_body(exc: HTTPError) -> bytes:
-    return orjson.dumps({"error": exc.code, "detail": exc.detail})
-
-
 class Ingress:
     """ASGI app for `ANY /hooks/{name}[/{rest}]`."""
 
@@ -90,11 +85,11 @@ class Ingress:
             event_id, repeat = await self._accept(integration, request, idempotency_key)
         except HTTPError as exc:
             self._on_refused(exc.status_code)
-            await _answer(send, exc.status_code, error_body(exc), [*JSON_HEADERS, *exc.headers])
+            await _answer(send, exc.status_code, exc.body, [*JSON_HEADERS, *exc.headers])
             return
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            await _answer(send, 500, error_body(InternalError("the gateway failed; see its log")))
+            await _answer(send, 500, InternalError("the gateway failed; see its log").body)
             return
         body = b'{"id":"' + event_id.encode() + b'"}'
         headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]

@@ -35,7 +35,6 @@ from gateway.alerts import Alerts
 from gateway.delivery import (
     SNIPPET_BYTES,
     AddressPolicy,
-    BlockedTarget,
     ErrorKind,
     GuardedResolver,
     Result,
@@ -47,11 +46,13 @@ from gateway.delivery import (
 )
 from gateway.errors import (
     BadGateway,
+    BlockedTarget,
     GatewayTimeout,
     HTTPError,
     IntegrationPaused,
     ServiceUnavailable,
     StoreUnavailable,
+    error_json,
 )
 from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
 from gateway.settings import Config, Integration
@@ -533,7 +534,7 @@ class Proxy:
         detail = f"the upstream failed ({what}) and no earlier answer is kept"
         if result.error is ErrorKind.PAUSED:
             detail = "the integration is paused and no earlier answer is kept"
-        body = orjson.dumps({"error": error.code, "detail": detail})
+        body = error_json(error.code, detail)
         headers = [(b"content-type", b"application/json"), *_marks("miss", r.event_id)]
         return Answer(error.status_code, headers, body), self._item(r, called, "error", "miss")
 
