@@ -95,7 +95,7 @@ class Alerts:
             events.append(NewEvent(new_event_id(), sink.name, "", request.pack()))
         if events:
             await self._store.accept(events, IDEMPOTENCY_TTL_S)
-        await self._store.redis.hincrby(self._store.keys.metric("alerts"), kind.value, 1)  # type: ignore[misc]
+        await self._store.count("alerts", {kind.value: 1})
 
     async def crossed(self, integration: str, finished: Finished, last_error: str) -> None:
         """Alerts for what an attempt's record crossed: 50% or 90% of the threshold, or the pause."""

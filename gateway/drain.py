@@ -228,7 +228,7 @@ class Drainer:
                 await asyncio.sleep(backoff_s(integration.retry, failures))
             if any(f is not None and f.paused for f in results):
                 return
-            await self._store.redis.pexpire(lock, lock_ms)
+            await self._store.renew(lock, lock_ms)
             spare = interval_s - (time.monotonic() - started)
             if spare > 0:
                 await asyncio.sleep(spare)

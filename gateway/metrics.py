@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,9 +21,9 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.events import EventState, now_ms
+from gateway.events import now_ms
 from gateway.settings import Config
-from gateway.store import COUNTED_STATES, HEARTBEAT_TTL_MS, LATENCY_BUCKETS, Store
+from gateway.store import COUNTED_STATES, LATENCY_BUCKETS, Store
 
 log = logging.getLogger("gateway.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -88,10 +87,7 @@ class Refusals:
                 continue
             taken, self._pending = self._pending, Counter()
             try:
-                async with self._store.redis.pipeline(transaction=False) as pipe:
-                    for reason, n in taken.items():
-                        pipe.hincrby(self._store.keys.metric("refused"), reason, n)
-                    await pipe.execute()
+                await self._store.count("refused", taken)
             except (RedisError, OSError):
                 self._pending.update(taken)
 
@@ -107,18 +103,8 @@ class Metrics:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE)
 
     async def collect(self) -> list[Metric]:
-        keys = self._store.keys
         integrations = self._config.integrations
-        async with self._store.redis.pipeline(transaction=False) as pipe:
-            for name in METRIC_HASHES:
-                pipe.hgetall(keys.metric(name))
-            pipe.zcount(keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf")
-            for integration in integrations:
-                for state in COUNTED_STATES:
-                    pipe.zcard(keys.state_index(integration.name, state))
-                pipe.zrange(keys.state_index(integration.name, EventState.PENDING), 0, 0, withscores=True)
-                pipe.hmget(keys.integration(integration.name), ["state", "fails", "wait_until"])
-            replies: list[Any] = await pipe.execute()
+        replies = await self._store.metrics(METRIC_HASHES, [i.name for i in integrations])
         hashes = len(METRIC_HASHES)
         (
             accepted,

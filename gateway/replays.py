@@ -57,56 +57,36 @@ class ReplayJobs:
         self._store = store
 
     async def start(self, selection: Filter, idempotency_key: str | None) -> dict[str, Any]:
-        redis, keys = self._store.redis, self._store.keys
         replay_id = new_event_id()
         if idempotency_key:
-            claimed = await redis.set(
-                keys.replay_idempotency(idempotency_key), replay_id, nx=True, ex=IDEMPOTENCY_TTL_S
-            )
-            if not claimed:
-                first = await redis.get(keys.replay_idempotency(idempotency_key))
-                found = await self.get(first.decode()) if first else None
+            first = await self._store.claim_replay_key(idempotency_key, replay_id, IDEMPOTENCY_TTL_S)
+            if first is not None:
+                found = await self.get(first) if first else None
                 if found is None:
                     raise Conflict("a bulk replay with this Idempotency-Key is being started; ask again")
                 return found
         names = (
             [selection.integration] if selection.integration else [i.name for i in self._config.integrations]
         )
-        low = "-inf" if selection.since is None else selection.since
-        high = "+inf" if selection.until is None else selection.until
-        async with redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.zrangebyscore(keys.state_index(name, selection.state), low, high)
-            matched = [event_id for ids in await pipe.execute() for event_id in ids]
-        async with redis.pipeline(transaction=True) as pipe:
-            for k in range(0, len(matched), 1000):
-                pipe.rpush(keys.replay_ids(replay_id), *matched[k : k + 1000])
-            pipe.hset(
-                keys.replay(replay_id),
-                mapping={
-                    "status": "running" if matched else "done",
-                    "matched": len(matched),
-                    "replayed": 0,
-                    "skipped": 0,
-                    "created_ms": now_ms(),
-                    "filter": orjson.dumps(selection.as_dict()),
-                },
-            )
-            if matched:
-                pipe.sadd(keys.running_replays, replay_id)
-            else:
-                pipe.expire(keys.replay(replay_id), KEEP_DONE_S)
-            await pipe.execute()
+        matched = await self._store.matching(names, selection.state, selection.since, selection.until)
+        job = {
+            "status": "running" if matched else "done",
+            "matched": len(matched),
+            "replayed": 0,
+            "skipped": 0,
+            "created_ms": now_ms(),
+            "filter": orjson.dumps(selection.as_dict()),
+        }
+        await self._store.create_replay(replay_id, matched, job, KEEP_DONE_S)
         log.info("bulk replay %s started: %d events match %s", replay_id, len(matched), selection.as_dict())
         found = await self.get(replay_id)
         assert found is not None
         return found
 
     async def get(self, replay_id: str) -> dict[str, Any] | None:
-        fields = await self._store.redis.hgetall(self._store.keys.replay(replay_id))  # type: ignore[misc]
-        if not fields:
+        f = await self._store.replay_job(replay_id)
+        if f is None:
             return None
-        f = {k.decode(): v for k, v in fields.items()}
         return {
             "id": replay_id,
             "status": f["status"].decode(),
@@ -118,17 +98,11 @@ class ReplayJobs:
         }
 
     async def cancel(self, replay_id: str) -> dict[str, Any] | None:
-        redis, keys = self._store.redis, self._store.keys
         found = await self.get(replay_id)
         if found is None:
             return None
         if found["status"] == "running":
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.replay(replay_id), "status", "cancelled")
-                pipe.srem(keys.running_replays, replay_id)
-                pipe.delete(keys.replay_ids(replay_id))
-                pipe.expire(keys.replay(replay_id), KEEP_DONE_S)
-                await pipe.execute()
+            await self._store.end_replay(replay_id, "cancelled", KEEP_DONE_S)
             log.info("bulk replay %s cancelled", replay_id)
         return await self.get(replay_id)
 
@@ -144,10 +118,8 @@ class ReplayRunner:
         await every(CHECK_INTERVAL_S, "replays", self.run_once)
 
     async def run_once(self) -> None:
-        redis, keys = self._store.redis, self._store.keys
-        for raw in await redis.smembers(keys.running_replays):  # type: ignore[misc]
-            replay_id = raw.decode()
-            lock = keys.replay_lock(replay_id)
+        for replay_id in await self._store.running_replays():
+            lock = self._store.keys.replay_lock(replay_id)
             if not await self._store.lock(lock, self._owner, LOCK_MS):
                 continue
             try:
@@ -156,33 +128,22 @@ class ReplayRunner:
                 await self._store.unlock(lock, self._owner)
 
     async def _run(self, replay_id: str, lock: str) -> None:
-        redis, keys = self._store.redis, self._store.keys
         while True:
             started = time.monotonic()
-            status = await redis.hget(keys.replay(replay_id), "status")  # type: ignore[misc]
-            if status != b"running":
-                await redis.srem(keys.running_replays, replay_id)  # type: ignore[misc]
+            ids = await self._store.next_replay_ids(replay_id, BATCH)
+            if ids is None:
                 return
-            ids = await redis.lpop(keys.replay_ids(replay_id), BATCH)  # type: ignore[misc]
             if not ids:
-                async with redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(keys.replay(replay_id), "status", "done")
-                    pipe.srem(keys.running_replays, replay_id)
-                    pipe.expire(keys.replay(replay_id), KEEP_DONE_S)
-                    await pipe.execute()
+                await self._store.end_replay(replay_id, "done", KEEP_DONE_S)
                 log.info("bulk replay %s done", replay_id)
                 return
             replayed = skipped = 0
-            for raw in ids:
-                if await self._replay_one(raw.decode()):
+            for event_id in ids:
+                if await self._replay_one(event_id):
                     replayed += 1
                 else:
                     skipped += 1
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(keys.replay(replay_id), "replayed", replayed)
-                pipe.hincrby(keys.replay(replay_id), "skipped", skipped)
-                pipe.pexpire(lock, LOCK_MS)
-                await pipe.execute()
+            await self._store.replay_progress(replay_id, replayed, skipped, lock, LOCK_MS)
             spare = len(ids) / REPLAY_RATE_PER_S - (time.monotonic() - started)
             if spare > 0:
                 await asyncio.sleep(spare)

@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar, cast
@@ -523,6 +523,109 @@ class Store:
             (name.decode(), state == b"paused", manual == b"1", int(probe), draining == b"1")
             for name, state, manual, probe, draining in got
         ]
+
+    # Metrics (the scripts count most of them as they change state)
+
+    async def count(self, metric: str, counts: Mapping[str, int]) -> None:
+        """Adds to a metric hash's fields (a process's own counts: alerts, refusals)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field, n in counts.items():
+                pipe.hincrby(self.keys.metric(metric), field, n)
+            await pipe.execute()
+
+    async def metrics(self, hashes: Sequence[str], integrations: Sequence[str]) -> list[Any]:
+        """What a scrape shows, in one round trip: the metric hashes, the live workers, and per
+        integration its events by counted state, its oldest pending event, and its health."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in hashes:
+                pipe.hgetall(self.keys.metric(name))
+            pipe.zcount(self.keys.workers, now_ms() - HEARTBEAT_TTL_MS, "+inf")
+            for integration in integrations:
+                for state in COUNTED_STATES:
+                    pipe.zcard(self.keys.state_index(integration, state))
+                pipe.zrange(self.keys.state_index(integration, EventState.PENDING), 0, 0, withscores=True)
+                pipe.hmget(self.keys.integration(integration), ["state", "fails", "wait_until"])
+            replies: list[Any] = await pipe.execute()
+        return replies
+
+    # Locks (a drain, a bulk replay: one worker at a time)
+
+    async def renew(self, key: str, ttl_ms: int) -> None:
+        await self.redis.pexpire(key, ttl_ms)
+
+    # Bulk replays
+
+    async def claim_replay_key(self, key: str, replay_id: str, ttl_s: int) -> str | None:
+        """Takes an Idempotency-Key for a new bulk replay; None when taken, else the id of the
+        replay that already holds it ("" if it went away meanwhile)."""
+        if await self.redis.set(self.keys.replay_idempotency(key), replay_id, nx=True, ex=ttl_s):
+            return None
+        first: bytes | None = await self.redis.get(self.keys.replay_idempotency(key))
+        return first.decode() if first else ""
+
+    async def matching(
+        self, integrations: Sequence[str], state: EventState, since_ms: int | None, until_ms: int | None
+    ) -> list[bytes]:
+        """The ids of the events in a state received within the bounds, from the state indexes."""
+        low = "-inf" if since_ms is None else since_ms
+        high = "+inf" if until_ms is None else until_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in integrations:
+                pipe.zrangebyscore(self.keys.state_index(name, state), low, high)
+            return [event_id for ids in await pipe.execute() for event_id in ids]
+
+    async def create_replay(
+        self, replay_id: str, ids: Sequence[bytes], job: Mapping[str, Any], keep_s: int
+    ) -> None:
+        """Writes a bulk replay and the ids it will replay; one with none is done at once."""
+        key = self.keys.replay(replay_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for k in range(0, len(ids), 1000):
+                pipe.rpush(self.keys.replay_ids(replay_id), *ids[k : k + 1000])
+            pipe.hset(key, mapping=dict(job))
+            if ids:
+                pipe.sadd(self.keys.running_replays, replay_id)
+            else:
+                pipe.expire(key, keep_s)
+            await pipe.execute()
+
+    async def replay_job(self, replay_id: str) -> dict[str, bytes] | None:
+        fields = await self.redis.hgetall(self.keys.replay(replay_id))  # type: ignore[misc]
+        return {k.decode(): v for k, v in fields.items()} if fields else None
+
+    async def end_replay(self, replay_id: str, status: str, keep_s: int) -> None:
+        """Marks a bulk replay done or cancelled, forgets its ids, and keeps its record keep_s."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.replay(replay_id), "status", status)
+            pipe.srem(self.keys.running_replays, replay_id)
+            pipe.delete(self.keys.replay_ids(replay_id))
+            pipe.expire(self.keys.replay(replay_id), keep_s)
+            await pipe.execute()
+
+    async def running_replays(self) -> list[str]:
+        return [raw.decode() for raw in await self.redis.smembers(self.keys.running_replays)]  # type: ignore[misc]
+
+    async def next_replay_ids(self, replay_id: str, count: int) -> list[str] | None:
+        """The next ids of a running bulk replay (empty: none left), or None when it is no longer
+        running (it leaves the running set)."""
+        status = await self.redis.hget(self.keys.replay(replay_id), "status")  # type: ignore[misc]
+        if status != b"running":
+            await self.redis.srem(self.keys.running_replays, replay_id)  # type: ignore[misc]
+            return None
+        ids = await self.redis.lpop(self.keys.replay_ids(replay_id), count)  # type: ignore[misc]
+        return [raw.decode() for raw in ids or []]
+
+    async def replay_progress(
+        self, replay_id: str, replayed: int, skipped: int, lock: str, lock_ms: int
+    ) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.replay(replay_id), "replayed", replayed)
+            pipe.hincrby(self.keys.replay(replay_id), "skipped", skipped)
+            pipe.pexpire(lock, lock_ms)
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        await self.redis.zrem(self.keys.workers, worker_id)
 
     async def beat(self, worker_id: str, *, forget_silent: bool = False) -> None:
         """A worker's heartbeat; with `forget_silent`, entries silent for an hour are dropped too."""

@@ -586,7 +586,7 @@ async def _run_once(settings: Settings, *, stopping: asyncio.Event) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await store.redis.zrem(store.keys.workers, worker_id)
+            await store.forget_worker(worker_id)
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         with contextlib.suppress(Exception):
             await worker.close()
