@@ -90,6 +90,7 @@ PAUSE_TTL_S = 0.05
 LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
 LOG_TIMEOUT_S = 10.0
 LOG_BATCH = 512
+LOG_BATCH_BYTES = 4 * 1024 * 1024  # of requests and copies in one script call
 MAX_WAITING_BYTES = 64 * 1024 * 1024  # log items kept while Redis is unavailable
 MAX_CONNECTIONS = 256
 
@@ -183,8 +184,13 @@ class LogWriter:
         try:
             await asyncio.sleep(LOG_LINGER_S)
             while self._waiting:
-                batch, self._waiting = self._waiting[:LOG_BATCH], self._waiting[LOG_BATCH:]
-                self._bytes -= sum(map(_size, batch))
+                # at most LOG_BATCH items and LOG_BATCH_BYTES (a copy may be a MiB), at least one
+                n, size = 0, 0
+                while n < min(LOG_BATCH, len(self._waiting)) and (n == 0 or size < LOG_BATCH_BYTES):
+                    size += _size(self._waiting[n])
+                    n += 1
+                batch, self._waiting = self._waiting[:n], self._waiting[n:]
+                self._bytes -= size
                 try:
                     async with asyncio.timeout(LOG_TIMEOUT_S):
                         results = await self._store.proxied(batch)
