@@ -89,6 +89,7 @@ FRESH_MEMORY_BYTES = 32 * 1024 * 1024  # fresh copies kept in each API process
 PAUSE_TTL_S = 0.05
 LOG_LINGER_S = 0.005  # a log item waits this long for others to share its script call
 LOG_TIMEOUT_S = 10.0
+CLOSE_FLUSH_S = 2.0  # a stopping API waits this long for the log still waiting (Redis may be gone)
 LOG_BATCH = 512
 LOG_BATCH_BYTES = 4 * 1024 * 1024  # of requests and copies in one script call
 MAX_WAITING_BYTES = 64 * 1024 * 1024  # log items kept while Redis is unavailable
@@ -309,7 +310,7 @@ class Proxy:
         )
 
     async def close(self) -> None:
-        await self._logger.flush(LOG_TIMEOUT_S)
+        await self._logger.flush(CLOSE_FLUSH_S)
         if self._session is not None:
             await self._session.close()
 
