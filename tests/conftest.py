@@ -22,9 +22,11 @@ import httpx
 import pytest
 import redis
 
+from gateway.keys import Keys
 from tests.upstream import Upstream
 
 TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9"))
+KEYS = Keys("gw")  # the key layout of the gateway processes the tests start (the default prefix)
 
 
 def free_port() -> int:
@@ -264,8 +266,9 @@ def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[st
     """The event as the store keeps it: its state, attempt number and attempt records."""
     import orjson
 
-    fields = cast(dict[bytes, bytes], rdb.hgetall(f"{prefix}:ev:{event_id}"))
-    attempts = [orjson.loads(a) for a in cast(list[bytes], rdb.lrange(f"{prefix}:at:{event_id}", 0, -1))]
+    keys = Keys(prefix)
+    fields = cast(dict[bytes, bytes], rdb.hgetall(keys.event(event_id)))
+    attempts = [orjson.loads(a) for a in cast(list[bytes], rdb.lrange(keys.attempts(event_id), 0, -1))]
     return {k.decode(): v.decode() for k, v in fields.items()} | {"attempts": attempts}
 
 
@@ -277,6 +280,6 @@ def stored_keys(rdb: redis.Redis) -> set[bytes]:
         k
         for k in cast(list[bytes], rdb.keys("*"))
         if not k.endswith(b":health-check")
-        and not k.startswith((b"arq:", b"gw:m:"))
-        and k not in (b"gw:workers", b"gw:queue")
+        and not k.startswith((b"arq:", KEYS.metric("").encode()))
+        and k not in (KEYS.workers.encode(), KEYS.queue.encode())
     }

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -32,7 +32,7 @@ def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def delivered(rdb: redis.Redis, integration: str) -> int:
-    return int(cast(int, rdb.zcard(f"gw:st:{integration}:delivered")))
+    return int(cast(int, rdb.zcard(KEYS.state_index(integration, "delivered"))))
 
 
 def start(gateway: Gateway, *integrations: str) -> None:

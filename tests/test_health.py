@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
 from tests.upstream import Received, Reply, Upstream
 
 TOKEN = "admin-s3cret"
@@ -104,7 +104,7 @@ def zcard(rdb: redis.Redis, key: str) -> int:
 
 
 def health_hash(rdb: redis.Redis) -> dict[str, str]:
-    fields = cast(dict[bytes, bytes], rdb.hgetall("gw:int:crm"))
+    fields = cast(dict[bytes, bytes], rdb.hgetall(KEYS.integration("crm")))
     return {k.decode(): v.decode() for k, v in fields.items()}
 
 
@@ -128,7 +128,7 @@ def test_threshold_counts_exactly_across_two_workers_and_a_success_resets(
     ).start(workers=2)
 
     def dead() -> int:
-        return zcard(rdb, "gw:st:crm:dead")
+        return zcard(rdb, KEYS.state_index("crm", "dead"))
 
     # 60 failures, then one success: the count goes back to 0.
     post_many(gateway, "/hooks/crm", 60)
@@ -219,7 +219,10 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
     wait_until(lambda: event_record(rdb, early)["s"] == "held", timeout=10)
     time.sleep(0.5)  # longer than the probe cool-down and many worker polls
     assert upstream.ids() == [early]
-    assert [i.decode() for i in cast(list[bytes], rdb.zrange("gw:st:crm:held", 0, -1))] == [early, *held]
+    assert [i.decode() for i in cast(list[bytes], rdb.zrange(KEYS.state_index("crm", "held"), 0, -1))] == [
+        early,
+        *held,
+    ]
     assert all(event_record(rdb, e)["s"] == "held" for e in held)
 
     # The worker dies; its successor sends nothing either, and the events are still held.
@@ -229,7 +232,7 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
     wait_until(lambda: "worker ready" in gateway.log("worker1.log"), timeout=15)
     time.sleep(0.5)
     assert upstream.count() == 1
-    assert zcard(rdb, "gw:st:crm:held") == 1 + HELD
+    assert zcard(rdb, KEYS.state_index("crm", "held")) == 1 + HELD
     listed = cli_json(gateway, "integrations")
     (crm,) = [i for i in listed["items"] if i["name"] == "crm"]
     assert (crm["state"], crm["held"]) == ("paused", 1 + HELD)
@@ -252,7 +255,9 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
     poster = threading.Thread(target=trickle)
     poster.start()
     try:
-        wait_until(lambda: upstream.count() > HELD and zcard(rdb, "gw:st:crm:held") == 0, timeout=20)
+        wait_until(
+            lambda: upstream.count() > HELD and zcard(rdb, KEYS.state_index("crm", "held")) == 0, timeout=20
+        )
         time.sleep(0.4)
     finally:
         stop.set()
@@ -318,7 +323,7 @@ def test_probe_backs_off_while_broken_then_resumes_and_alert_is_retried(
     wait_until(watch, timeout=10, interval=0.005)
     assert upstream.ids() == [first] * 3
     others = [gateway.post("/hooks/crm", b'{"other":%d}' % i).json()["id"] for i in range(2)]
-    assert zcard(rdb, "gw:st:crm:held") == 3
+    assert zcard(rdb, KEYS.state_index("crm", "held")) == 3
 
     # Still broken: two probes fail; the cool-down doubles and the next probe moves further.
     wait_until(lambda: watch() and 1.2 in seen, timeout=10, interval=0.005)
@@ -329,7 +334,7 @@ def test_probe_backs_off_while_broken_then_resumes_and_alert_is_retried(
     info = admin(gateway)
     assert (info["state"], info["paused_by"], info["next_probe_ms"]) == ("paused", "failures", p3)
     assert upstream.ids() == [first] * 5  # three attempts, then only the two probes
-    assert zcard(rdb, "gw:st:crm:held") == 3
+    assert zcard(rdb, KEYS.state_index("crm", "held")) == 3
 
     # Recovered: the next probe delivers, the integration resumes, the rest drain in order.
     healthy.set()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import redis
 
-from tests.conftest import Gateway, integration_toml, stored_keys, wait_until
+from tests.conftest import KEYS, Gateway, integration_toml, stored_keys, wait_until
 from tests.upstream import Upstream
 
 
@@ -26,7 +26,7 @@ def test_idempotency_key_returns_first_id_and_delivers_once(
     # A third copy, sent after the first was delivered, is still recognised.
     late = gateway.post("/hooks/crm", b'{"n":1}', headers={"Idempotency-Key": "ticket-7-created"})
     assert late.json()["id"] == first.json()["id"]
-    wait_until(lambda: rdb.zcard("gw:st:crm:delivered") == 2)
+    wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 2)
     assert sorted(upstream.ids()) == sorted([first.json()["id"], other.json()["id"]])
 
 
@@ -48,7 +48,7 @@ def test_webhook_id_from_helpdesk_deduplicates_within_one_batch(
     ids = asyncio.run(burst())
     assert len(set(ids)) == 1
     upstream.wait_for(1)
-    wait_until(lambda: rdb.zcard("gw:st:crm:delivered") == 1)
+    wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 1)
     assert upstream.count() == 1
     assert upstream.received[0].webhook_id == ids[0]
 

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 AUTH = {"authorization": "Bearer test-admin-token"}
@@ -53,7 +53,7 @@ def dead_events(gateway: Gateway, upstream: Upstream, rdb: redis.Redis, n: int, 
         integration_toml("crm", upstream.url, failure_threshold=1000000, retry={"max_attempts": 1})
     ).start()
     ids = post_many(gateway, n)
-    wait_until(lambda: zcard(rdb, "gw:st:crm:dead") == n, timeout=timeout)
+    wait_until(lambda: zcard(rdb, KEYS.state_index("crm", "dead")) == n, timeout=timeout)
     upstream.script([Reply(200)])
     return ids
 
@@ -71,7 +71,7 @@ def test_bulk_replay_delivers_each_dead_event_once_per_request(
     again = admin(gateway, "POST", "/admin/replay", json={"integration": "crm"}, headers=key)
     assert again.json()["id"] == job["id"], "the same Idempotency-Key started a second replay"
 
-    wait_until(lambda: zcard(rdb, "gw:st:crm:delivered") == 1000, timeout=60)
+    wait_until(lambda: zcard(rdb, KEYS.state_index("crm", "delivered")) == 1000, timeout=60)
     final = wait_until(
         lambda: (j := admin(gateway, "GET", f"/admin/replays/{job['id']}").json())["status"] == "done" and j,
         timeout=20,
@@ -93,14 +93,20 @@ def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
 
     def quiet() -> bool:
         # Events replayed before the cancel (a batch may be under way) are all delivered.
-        busy = sum(zcard(rdb, f"gw:st:crm:{state}") for state in ("pending", "in_flight", "retrying"))
-        return busy == 0 and zcard(rdb, "gw:st:crm:delivered") + zcard(rdb, "gw:st:crm:dead") == 600
+        busy = sum(
+            zcard(rdb, KEYS.state_index("crm", state)) for state in ("pending", "in_flight", "retrying")
+        )
+        return (
+            busy == 0
+            and zcard(rdb, KEYS.state_index("crm", "delivered")) + zcard(rdb, KEYS.state_index("crm", "dead"))
+            == 600
+        )
 
     time.sleep(0.5)
     wait_until(quiet, timeout=20)
-    settled = zcard(rdb, "gw:st:crm:delivered")
+    settled = zcard(rdb, KEYS.state_index("crm", "delivered"))
     time.sleep(1.0)
-    assert zcard(rdb, "gw:st:crm:delivered") == settled < 600
+    assert zcard(rdb, KEYS.state_index("crm", "delivered")) == settled < 600
     assert admin(gateway, "GET", f"/admin/replays/{job['id']}").json()["status"] == "cancelled"
 
     for body in ({"state": "lost"}, {"integration": "nope"}, {"since": "soon"}, {"colour": 1}, [1]):
@@ -126,13 +132,16 @@ def test_retention_removes_delivered_events_and_never_held_ones(
 
     # The delivered event's keys expire, then its index entry is trimmed.
     wait_until(
-        lambda: not rdb.exists(f"gw:ev:{delivered}") and zcard(rdb, "gw:st:crm:delivered") == 0, timeout=20
+        lambda: (
+            not rdb.exists(KEYS.event(delivered)) and zcard(rdb, KEYS.state_index("crm", "delivered")) == 0
+        ),
+        timeout=20,
     )
-    assert not rdb.exists(f"gw:rq:{delivered}") and not rdb.exists(f"gw:at:{delivered}")
+    assert not rdb.exists(KEYS.request(delivered)) and not rdb.exists(KEYS.attempts(delivered))
     assert admin(gateway, "GET", f"/admin/events/{delivered}").status_code == 404
     # The held one is untouched, and delivered once resumed.
     assert event_record(rdb, held)["s"] == "held"
-    assert rdb.ttl(f"gw:ev:{held}") == -1 and rdb.ttl(f"gw:rq:{held}") == -1
+    assert rdb.ttl(KEYS.event(held)) == -1 and rdb.ttl(KEYS.request(held)) == -1
     counts = admin(gateway, "GET", "/admin/integrations/crm").json()["counts"]
     assert counts["held"] == 1 and counts["delivered_24h"] == 0
     admin(gateway, "POST", "/admin/integrations/crm/resume")
@@ -157,7 +166,7 @@ def test_cli_bulk_replay_and_clear_errors(gateway: Gateway, upstream: Upstream, 
     assert started.returncode == 0, started.stderr
     job = orjson.loads(started.stdout)
     assert job["matched"] == 5
-    wait_until(lambda: zcard(rdb, "gw:st:crm:delivered") == 5)
+    wait_until(lambda: zcard(rdb, KEYS.state_index("crm", "delivered")) == 5)
     shown = cli("replay", "--show", job["id"])
     assert shown.returncode == 0 and f"bulk replay {job['id']}: done, 5 matched, 5 replayed" in shown.stdout
     assert sorted(r.webhook_id for r in upstream.received[5:]) == sorted(ids)

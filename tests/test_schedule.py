@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
 from gateway.keys import Keys
 from gateway.store import NOT_COUNTED, Claimed, Count, Finish, Health, NewEvent, Store
+from tests.conftest import KEYS
 
 POLICIES = orjson.dumps({"crm": [4000, 100, 0, 1, 0]})  # lease ms, max in flight, rate, burst, ordered
 DEFAULT = orjson.dumps([9000, 32, 0, 1, 0])
@@ -98,10 +99,13 @@ def test_claim_due_takes_a_batch_in_due_order_and_leaves_the_rest(redis_url: str
     assert all((c.attempt, c.integration) == (1, "crm") for c in by_id.values())
     assert [StoredRequest.unpack(by_id[i].request_blob).body for i in ids] == [b"0", b"1", b"2", b"3", b"4"]
     assert rdb.zcard(DUE) == 0
-    assert sorted(zmembers(rdb, "gw:st:crm:in_flight")) == sorted(ids) and rdb.zcard("gw:st:crm:pending") == 0
-    leases = dict(cast(list[tuple[bytes, float]], rdb.zrange("gw:lease", 0, -1, withscores=True)))
+    assert (
+        sorted(zmembers(rdb, KEYS.state_index("crm", "in_flight"))) == sorted(ids)
+        and rdb.zcard(KEYS.state_index("crm", "pending")) == 0
+    )
+    leases = dict(cast(list[tuple[bytes, float]], rdb.zrange(KEYS.lease, 0, -1, withscores=True)))
     assert all(now_ms() + 3000 < score <= now_ms() + 4000 for score in leases.values())
-    assert {hget(rdb, f"gw:ev:{i}", "s") for i in ids} == {b"in_flight"}
+    assert {hget(rdb, KEYS.event(i), "s") for i in ids} == {b"in_flight"}
 
 
 def test_finish_many_counts_failures_in_order_and_pauses_in_the_middle_of_a_batch(
@@ -122,17 +126,21 @@ def test_finish_many_counts_failures_in_order_and_pauses_in_the_middle_of_a_batc
     assert [r.signals for r in results] == [(), ("warn50",), ("warn90", "paused"), (), ()]
     assert [r.state for r in results] == [EventState.RETRYING] * 2 + [EventState.HELD] * 3
     assert [r.paused for r in results] == [False, False, True, True, True]
-    health = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], rdb.hgetall("gw:int:crm")).items()}
+    health = {
+        k.decode(): v.decode()
+        for k, v in cast(dict[bytes, bytes], rdb.hgetall(KEYS.integration("crm"))).items()
+    }
     assert health["state"] == "paused" and health["fails"] == "5" and health["last_error"] == "HTTP 500"
     assert sorted(zmembers(rdb, DUE)) == sorted(ids[:2])  # the retries before the pause
-    assert sorted(zmembers(rdb, "gw:st:crm:held")) == sorted(ids[2:])
-    assert rdb.zcard("gw:lease") == 0 and rdb.zcard("gw:st:crm:in_flight") == 0
-    assert hget(rdb, f"gw:ev:{ids[0]}", "n") == b"2"
-    assert [orjson.loads(a)["status"] for a in cast(list[bytes], rdb.lrange(f"gw:at:{ids[4]}", 0, -1))] == [
-        500
-    ]
+    assert sorted(zmembers(rdb, KEYS.state_index("crm", "held"))) == sorted(ids[2:])
+    assert rdb.zcard(KEYS.lease) == 0 and rdb.zcard(KEYS.state_index("crm", "in_flight")) == 0
+    assert hget(rdb, KEYS.event(ids[0]), "n") == b"2"
+    assert [
+        orjson.loads(a)["status"] for a in cast(list[bytes], rdb.lrange(KEYS.attempts(ids[4]), 0, -1))
+    ] == [500]
     assert (
-        hget(rdb, "gw:m:attempts", "crm|retrying") == b"2" and hget(rdb, "gw:m:attempts", "crm|held") == b"3"
+        hget(rdb, KEYS.metric("attempts"), "crm|retrying") == b"2"
+        and hget(rdb, KEYS.metric("attempts"), "crm|held") == b"3"
     )
 
 
@@ -156,9 +164,9 @@ def test_finish_many_is_fenced_per_item_and_a_success_resets_the_count(
     assert first[1].state is EventState.DELIVERED
     assert second[0] is None and second[1] is None
     assert second[2].consecutive_failures == 1  # the success in between reset the count
-    assert hget(rdb, "gw:int:crm", "fails") == b"1"
-    assert hget(rdb, f"gw:ev:{ids[1]}", "s") == b"delivered" and rdb.llen(f"gw:at:{ids[0]}") == 1
-    assert zmembers(rdb, "gw:st:crm:delivered") == [ids[1]]
+    assert hget(rdb, KEYS.integration("crm"), "fails") == b"1"
+    assert hget(rdb, KEYS.event(ids[1]), "s") == b"delivered" and rdb.llen(KEYS.attempts(ids[0])) == 1
+    assert zmembers(rdb, KEYS.state_index("crm", "delivered")) == [ids[1]]
 
 
 def test_due_retries_wait_their_time_and_paused_integrations_hold_what_comes_due(
@@ -180,8 +188,8 @@ def test_due_retries_wait_their_time_and_paused_integrations_hold_what_comes_due
     assert [(c.event_id, c.attempt) for c in retried] == [(ids[1], 2)]
     assert held == [] and after == []
     assert zmembers(rdb, DUE) == [ids[0]]
-    assert zmembers(rdb, "gw:st:crm:held") == [ids[1], ids[2]]
-    assert hget(rdb, f"gw:ev:{ids[1]}", "s") == b"held"
+    assert zmembers(rdb, KEYS.state_index("crm", "held")) == [ids[1], ids[2]]
+    assert hget(rdb, KEYS.event(ids[1]), "s") == b"held"
 
 
 def test_the_reconciler_finishes_only_attempts_whose_lease_expired(redis_url: str, rdb: redis.Redis) -> None:
@@ -201,7 +209,9 @@ def test_the_reconciler_finishes_only_attempts_whose_lease_expired(redis_url: st
     live, lost = run(redis_url, body)
     assert live is None
     assert lost.state is EventState.RETRYING and lost.consecutive_failures == 0
-    assert hget(rdb, "gw:int:crm", "fails") is None  # a lost worker says nothing about the endpoint
+    assert (
+        hget(rdb, KEYS.integration("crm"), "fails") is None
+    )  # a lost worker says nothing about the endpoint
 
 
 def test_drained_events_lost_with_their_worker_go_back_to_their_places(
@@ -214,7 +224,8 @@ def test_drained_events_lost_with_their_worker_go_back_to_their_places(
         await store.set_state("crm", "pause", manual=True)
         await accept(store, 4)
         held = cast(
-            list[tuple[bytes, float]], await store.redis.zrange("gw:st:crm:held", 0, -1, withscores=True)
+            list[tuple[bytes, float]],
+            await store.redis.zrange(KEYS.state_index("crm", "held"), 0, -1, withscores=True),
         )
         await store.set_state("crm", "resume", manual=True)
         taken = await store.take_held("crm", 2, 4000, probe=False)
@@ -235,7 +246,10 @@ def test_drained_events_lost_with_their_worker_go_back_to_their_places(
 
     held, finished = run(redis_url, body)
     assert [f.state for f in finished] == [EventState.HELD, EventState.HELD]
-    assert cast(list[tuple[bytes, float]], rdb.zrange("gw:st:crm:held", 0, -1, withscores=True)) == held
+    assert (
+        cast(list[tuple[bytes, float]], rdb.zrange(KEYS.state_index("crm", "held"), 0, -1, withscores=True))
+        == held
+    )
     assert rdb.zcard(DUE) == 0
 
 
@@ -255,4 +269,4 @@ def test_a_schedule_from_before_per_integration_schedules_is_moved_not_lost(
 
     moved, claimed, again = run(redis_url, body)
     assert (moved, len(claimed), again) == (3, 3, 0)
-    assert rdb.exists("gw:due") == 0
+    assert rdb.exists(f"{KEYS.prefix}:due") == 0  # the old layout's one schedule, gone
