@@ -10,7 +10,6 @@ import base64
 import hmac
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,16 +17,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import shapes
 from gateway.alerts import AlertKind, Alerts
 from gateway.errors import Conflict, InvalidParameter, NotFound, Unauthorized
 from gateway.events import EventState, StoredRequest, now_ms
-from gateway.replays import Filter, ReplayJobs
+from gateway.replays import ReplayJobs
 from gateway.settings import Integration, Settings
 from gateway.store import Store
 
 
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")
+def answer(shape: shapes.Shape, status: int = 200) -> Response:
+    return Response(shape.model_dump_json(), status, media_type="application/json")
 
 
 def _int(value: str | None) -> int | None:
@@ -79,47 +79,48 @@ class Admin:
             raise NotFound(f"no integration is named {name!r}")
         return integration
 
-    async def describe(self, integration: Integration) -> dict[str, Any]:
+    async def describe(self, integration: Integration) -> shapes.Integration:
         health = await self._store.health(integration.name)
         paused = health.get("state") == "paused"
         waiting_until = _int(health.get("wait_until")) or 0
         cache = None
         if integration.mode == "proxy":
             ((copies, size),) = await self._store.copies([integration.name])
-            cache = {"copies": copies, "bytes": size}
-        return {
-            "name": integration.name,
-            "mode": integration.mode,
-            "target": str(integration.target),
-            "state": "paused" if paused else "active",
-            "paused_by": ("operator" if health.get("manual") == "1" else "failures") if paused else None,
-            "consecutive_failures": int(health.get("fails", 0)),
-            "failure_threshold": integration.failure_threshold,
-            "held": health["held"],
-            "last_error": health.get("last_error"),
-            "last_failure_ms": _int(health.get("last_failure_ms")),
-            "last_success_ms": _int(health.get("last_success_ms")),
-            "paused_ms": _int(health.get("paused_ms")) if paused else None,
-            "counts": await self._store.counts(integration.name, now_ms()),
-            "next_probe_ms": _int(health.get("probe_ms"))
+            cache = shapes.Cache(copies=copies, bytes=size)
+        waiting = waiting_until > now_ms()
+        return shapes.Integration(
+            name=integration.name,
+            mode=integration.mode,
+            target=str(integration.target),
+            state="paused" if paused else "active",
+            paused_by=("operator" if health.get("manual") == "1" else "failures") if paused else None,
+            consecutive_failures=int(health.get("fails", 0)),
+            failure_threshold=integration.failure_threshold,
+            held=health["held"],
+            last_error=health.get("last_error"),
+            last_failure_ms=_int(health.get("last_failure_ms")),
+            last_success_ms=_int(health.get("last_success_ms")),
+            paused_ms=_int(health.get("paused_ms")) if paused else None,
+            counts=shapes.Counts(**await self._store.counts(integration.name, now_ms())),
+            next_probe_ms=_int(health.get("probe_ms"))
             if paused and integration.probe and health.get("manual") != "1"
             else None,
-            "cache": cache,
-            "max_in_flight": integration.slots,
-            "rate_limit_per_s": integration.rate_limit_per_s,
-            "rate_limit_burst": integration.burst if integration.rate_limit_per_s is not None else None,
-            "ordered": integration.ordered,
-            "waiting_until_ms": waiting_until if waiting_until > now_ms() else None,
-            "wait_reason": health.get("wait_reason") if waiting_until > now_ms() else None,
-        }
+            cache=cache,
+            max_in_flight=integration.slots,
+            rate_limit_per_s=integration.rate_limit_per_s,
+            rate_limit_burst=integration.burst if integration.rate_limit_per_s is not None else None,
+            ordered=integration.ordered,
+            waiting_until_ms=waiting_until if waiting else None,
+            wait_reason=health.get("wait_reason") if waiting else None,
+        )
 
     async def list_integrations(self, request: Request) -> Response:
         self._authorize(request)
         items = [await self.describe(i) for i in self._config.integrations]
-        return json_response({"items": items})
+        return answer(shapes.IntegrationList(items=items))
 
     async def get_integration(self, request: Request) -> Response:
-        return json_response(await self.describe(self._integration(request)))
+        return answer(await self.describe(self._integration(request)))
 
     async def pause(self, request: Request) -> Response:
         integration = self._integration(request)
@@ -130,12 +131,12 @@ class Admin:
             await self._alerts.send(
                 AlertKind.PAUSED,
                 integration.name,
-                consecutive_failures=info["consecutive_failures"],
-                last_error=info["last_error"] or "",
+                consecutive_failures=info.consecutive_failures,
+                last_error=info.last_error or "",
                 held=held,
                 reason="by an operator",
             )
-        return json_response(info)
+        return answer(info)
 
     async def resume(self, request: Request) -> Response:
         integration = self._integration(request)
@@ -149,23 +150,24 @@ class Admin:
                 held=held,
                 reason="by an operator",
             )
-        return json_response(await self.describe(integration))
+        return answer(await self.describe(integration))
 
     async def list_events(self, request: Request) -> Response:
         """Events newest first: ?integration=&state=&since=&until=&limit=&cursor=."""
         self._authorize(request)
-        q = request.query_params
+        query = shapes.parse(shapes.EventQuery, {k: v for k, v in request.query_params.items() if v})
         names = [i.name for i in self._config.integrations]
-        if q.get("integration"):
-            names = [_known_integration(q["integration"], names)]
-        states = [_state(q["state"]).value] if q.get("state") else [s.value for s in EventState]
-        limit = _bounded_int(q.get("limit"), "limit", 1, MAX_PAGE, default=DEFAULT_PAGE)
-        cursor = _cursor(q.get("cursor"))
+        if query.integration is not None:
+            names = [_known_integration(query.integration, names)]
+        states = [query.state.value] if query.state else [s.value for s in EventState]
         items, next_cursor = await self._store.list_events(
-            names, states, _time_ms(q.get("since"), "since"), _time_ms(q.get("until"), "until"), limit, cursor
+            names, states, query.since, query.until, query.limit, _cursor(query.cursor)
         )
-        return json_response(
-            {"items": items, "next_cursor": f"{next_cursor[0]!r}_{next_cursor[1]}" if next_cursor else None}
+        return answer(
+            shapes.EventPage(
+                items=[shapes.EventSummary(**i) for i in items],
+                next_cursor=f"{next_cursor[0]!r}_{next_cursor[1]}" if next_cursor else None,
+            )
         )
 
     async def get_event(self, request: Request) -> Response:
@@ -178,16 +180,17 @@ class Admin:
         if blob is not None:
             stored = StoredRequest.unpack(blob)
             try:
-                body: dict[str, str | None] = {"body": stored.body.decode("utf-8"), "body_base64": None}
+                text, raw = stored.body.decode("utf-8"), None
             except UnicodeDecodeError:
-                body = {"body": None, "body_base64": base64.b64encode(stored.body).decode()}
-            event["request"] = {
-                "method": stored.method,
-                "url": stored.url,
-                "headers": [[k, "[redacted]" if k.lower() in REDACTED else v] for k, v in stored.headers],
-                **body,
-            }
-        return json_response(event)
+                text, raw = None, base64.b64encode(stored.body).decode()
+            event["request"] = shapes.StoredRequest(
+                method=stored.method,
+                url=stored.url,
+                headers=[(k, "[redacted]" if k.lower() in REDACTED else v) for k, v in stored.headers],
+                body=text,
+                body_base64=raw,
+            )
+        return answer(shapes.Event.model_validate(event))
 
     async def status(self, request: Request) -> Response:
         """Live workers, the attempts scheduled (due now or later), and every integration."""
@@ -197,28 +200,31 @@ class Admin:
             [i.name for i in [*self._config.integrations, *self._config.alert_sinks]]
         )
         items = [await self.describe(i) for i in self._config.integrations]
-        return json_response({"workers_live": workers, "queue_depth": depth, "integrations": items})
+        return answer(shapes.Status(workers_live=workers, queue_depth=depth, integrations=items))
 
     async def start_replay(self, request: Request) -> Response:
         """Bulk replay of the events matching a filter (state defaults to dead)."""
         self._authorize(request)
-        selection = _replay_filter(await _json_body(request), [i.name for i in self._config.integrations])
+        body = shapes.parse(shapes.ReplayRequest, await _json_body(request))
+        if body.integration is not None:
+            _known_integration(body.integration, [i.name for i in self._config.integrations])
+        selection = shapes.ReplayFilter(**body.model_dump())
         job = await self._replays.start(selection, request.headers.get("idempotency-key"))
-        return json_response(job, 202)
+        return answer(job, 202)
 
     async def get_replay(self, request: Request) -> Response:
         self._authorize(request)
         job = await self._replays.get(request.path_params["id"])
         if job is None:
             raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
-        return json_response(job)
+        return answer(job)
 
     async def cancel_replay(self, request: Request) -> Response:
         self._authorize(request)
         job = await self._replays.cancel(request.path_params["id"])
         if job is None:
             raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
-        return json_response(job)
+        return answer(job)
 
     async def replay_event(self, request: Request) -> Response:
         """Sends a delivered or dead event again, with the same webhook-id."""
@@ -231,42 +237,13 @@ class Admin:
         state = await self._store.replay(event_id, attempt, integration, "replay requested by an operator")
         if state is None:
             raise Conflict(f"event {event_id} is {current}: only delivered or dead events are replayed")
-        return json_response({"id": event_id, "state": state, "attempt": attempt + 1}, 202)
+        return answer(shapes.EventReplay(id=event_id, state=EventState(state), attempt=attempt + 1), 202)
 
 
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
 # Credentials the helpdesk sent: kept for delivery, never shown.
 REDACTED = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token", "idempotency-key"}
 )
-
-
-def _bounded_int(value: str | None, name: str, low: int, high: int, *, default: int) -> int:
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidParameter(f"{name}: must be a whole number") from None
-    if not low <= number <= high:
-        raise InvalidParameter(f"{name}: must be between {low} and {high}")
-    return number
-
-
-def _time_ms(value: str | None, name: str) -> int | None:
-    """Milliseconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)."""
-    if not value:
-        return None
-    if value.isascii() and value.isdigit():
-        return int(value)
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidParameter(f"{name}: use milliseconds since the epoch or an ISO 8601 time") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
 
 
 def _cursor(value: str | None) -> tuple[float, str] | None:
@@ -299,27 +276,3 @@ def _known_integration(name: str, names: list[str]) -> str:
     if name not in names:
         raise InvalidParameter(f"integration: no integration is named {name!r}")
     return name
-
-
-def _state(value: str) -> EventState:
-    try:
-        return EventState(value)
-    except ValueError:
-        raise InvalidParameter(f"state: must be one of {', '.join(s.value for s in EventState)}") from None
-
-
-def _replay_filter(body: dict[str, Any], names: list[str]) -> Filter:
-    unknown = set(body) - {"integration", "state", "since", "until"}
-    if unknown:
-        raise InvalidParameter(f"body: unknown field {sorted(unknown)[0]!r}")
-    for field in ("integration", "state", "since", "until"):
-        value = body.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
-            raise InvalidParameter(f"{field}: must be a string")
-    integration = body.get("integration")
-    return Filter(
-        None if integration is None else _known_integration(integration, names),
-        _state(body.get("state") or "dead"),
-        _time_ms(str(body["since"]) if body.get("since") is not None else None, "since"),
-        _time_ms(str(body["until"]) if body.get("until") is not None else None, "until"),
-    )

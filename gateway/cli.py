@@ -8,7 +8,7 @@ from urllib.parse import quote, urlencode
 
 import click
 
-from gateway import client
+from gateway import client, shapes
 from gateway.errors import ConfigError
 from gateway.events import EventState
 from gateway.settings import DEFAULT_CONFIG_PATH, Settings, load_config
@@ -111,7 +111,7 @@ def dev(host: str, port: int, echo_port: int) -> None:
 @client.api_options
 def integrations(url: str, token: str | None, as_json: bool) -> None:
     """List integrations with their state, failures and held events."""
-    client.output(client.call("GET", "/admin/integrations", url, token), as_json)
+    client.output(client.call("GET", "/admin/integrations", url, token), as_json, shapes.IntegrationList)
 
 
 @main.command()
@@ -119,7 +119,11 @@ def integrations(url: str, token: str | None, as_json: bool) -> None:
 @client.api_options
 def pause(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Pause an integration: nothing is sent to it, new events are held (no automatic probes)."""
-    client.output(client.call("POST", f"/admin/integrations/{quote(name)}/pause", url, token), as_json)
+    client.output(
+        client.call("POST", f"/admin/integrations/{quote(name)}/pause", url, token),
+        as_json,
+        shapes.Integration,
+    )
 
 
 @main.command()
@@ -127,7 +131,11 @@ def pause(name: str, url: str, token: str | None, as_json: bool) -> None:
 @client.api_options
 def resume(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Resume an integration: its held events are delivered in arrival order, at a bounded rate."""
-    client.output(client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token), as_json)
+    client.output(
+        client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token),
+        as_json,
+        shapes.Integration,
+    )
 
 
 @main.command()
@@ -152,7 +160,7 @@ def events(
     """List events, newest first."""
     params = {"integration": integration, "state": state, "since": since, "until": until, "cursor": cursor}
     query = urlencode({"limit": limit, **{k: v for k, v in params.items() if v}})
-    client.output(client.call("GET", f"/admin/events?{query}", url, token), as_json, "events")
+    client.output(client.call("GET", f"/admin/events?{query}", url, token), as_json, shapes.EventPage)
 
 
 @main.command()
@@ -160,7 +168,7 @@ def events(
 @client.api_options
 def event(event_id: str, url: str, token: str | None, as_json: bool) -> None:
     """Show one event: its request and every attempt."""
-    client.output(client.call("GET", f"/admin/events/{quote(event_id)}", url, token), as_json, "event")
+    client.output(client.call("GET", f"/admin/events/{quote(event_id)}", url, token), as_json, shapes.Event)
 
 
 @main.command()
@@ -191,20 +199,22 @@ def replay(
     """Send events again (same webhook-id): one by ID, or every one matching the filters."""
     if event_id:
         data = client.call("POST", f"/admin/events/{quote(event_id)}/replay", url, token)
-        client.output(data, as_json, "replay")
+        client.output(data, as_json, shapes.EventReplay)
     elif show_id:
-        client.output(client.call("GET", f"/admin/replays/{quote(show_id)}", url, token), as_json, "bulk")
+        client.output(
+            client.call("GET", f"/admin/replays/{quote(show_id)}", url, token), as_json, shapes.ReplayJob
+        )
     elif cancel_id:
         data = client.call("POST", f"/admin/replays/{quote(cancel_id)}/cancel", url, token)
-        client.output(data, as_json, "bulk")
+        client.output(data, as_json, shapes.ReplayJob)
     else:
         body = {"integration": integration, "state": state, "since": since, "until": until}
         data = client.call("POST", "/admin/replay", url, token, {k: v for k, v in body.items() if v})
-        client.output(data, as_json, "bulk")
+        client.output(data, as_json, shapes.ReplayJob)
 
 
 @main.command()
 @client.api_options
 def status(url: str, token: str | None, as_json: bool) -> None:
     """Live workers, queue depth, and every integration with its events by state."""
-    client.output(client.call("GET", "/admin/status", url, token), as_json, "status")
+    client.output(client.call("GET", "/admin/status", url, token), as_json, shapes.Status)

@@ -1,17 +1,23 @@
 """What the operator commands share: `gateway integrations`, `pause`, `resume`, `events`, `event`,
 `replay`, `status` call the admin API (--url and --token, or GATEWAY_URL and GATEWAY_ADMIN_TOKEN)
 and print a readable table, or the API's JSON with --json; a refusal ends them with a plain line.
+
+The tables read the answers as the admin API's own models (`gateway.shapes`): each column is a
+header and a function of a model, so a field renamed there is a type error here.
 """
 
 from __future__ import annotations
 
 import time
-from typing import IO, Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import httpx
 import orjson
+import pydantic
 
+from gateway import shapes
 from gateway.settings import DEFAULT_URL
 
 
@@ -64,130 +70,130 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
 
 
-def print_integrations(items: list[dict[str, Any]]) -> None:
-    rows = [["NAME", "MODE", "STATE", "FAILURES", "IN FLIGHT", "RATE", "HELD", "LAST ERROR"]]
-    for i in items:
-        state = i["state"] + (f" ({i['paused_by']})" if i.get("paused_by") else "")
-        if i.get("waiting_until_ms"):
-            state += f", waits until {_when(i['waiting_until_ms'])}: {i['wait_reason']}"
-        failures = f"{i['consecutive_failures']}/{i['failure_threshold']}"
-        in_flight = f"{i['counts']['in_flight']}/{i['max_in_flight']}" + (" ordered" if i["ordered"] else "")
-        rate = f"{i['rate_limit_per_s']:g}/s" if i.get("rate_limit_per_s") else "-"
-        rows.append(
-            [
-                i["name"],
-                i["mode"],
-                state,
-                failures,
-                in_flight,
-                rate,
-                str(i["held"]),
-                i.get("last_error") or "-",
-            ]
-        )
-    table(rows)
-
-
-def table(rows: list[list[str]]) -> None:
+def _cells(rows: list[list[str]]) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
-def print_events(data: dict[str, Any]) -> None:
-    rows = [["ID", "INTEGRATION", "STATE", "ATTEMPT", "RECEIVED", "UPDATED"]]
-    for e in data["items"]:
-        rows.append(
-            [
-                e["id"],
-                e["integration"],
-                e["state"],
-                str(e["attempt"]),
-                _when(e["received_ms"]),
-                _when(e["updated_ms"]),
-            ]
-        )
-    table(rows)
-    if data.get("next_cursor"):
-        click.echo(f"more: --cursor {data['next_cursor']}")
+T = TypeVar("T")
 
 
-def print_event(data: dict[str, Any]) -> None:
+def table(items: Sequence[T], columns: dict[str, Callable[[T], str]]) -> None:
+    """A plain table: one row per item, one column per (header, cell of an item)."""
+    _cells([list(columns)] + [[cell(item) for cell in columns.values()] for item in items])
+
+
+def _state(i: shapes.Integration) -> str:
+    state = i.state + (f" ({i.paused_by})" if i.paused_by else "")
+    if i.waiting_until_ms:
+        state += f", waits until {_when(i.waiting_until_ms)}: {i.wait_reason}"
+    return state
+
+
+INTEGRATION_COLUMNS: dict[str, Callable[[shapes.Integration], str]] = {
+    "NAME": lambda i: i.name,
+    "MODE": lambda i: i.mode,
+    "STATE": _state,
+    "FAILURES": lambda i: f"{i.consecutive_failures}/{i.failure_threshold}",
+    "IN FLIGHT": lambda i: f"{i.counts.in_flight}/{i.max_in_flight}" + (" ordered" if i.ordered else ""),
+    "RATE": lambda i: f"{i.rate_limit_per_s:g}/s" if i.rate_limit_per_s else "-",
+    "HELD": lambda i: str(i.held),
+    "LAST ERROR": lambda i: i.last_error or "-",
+}
+STATUS_COLUMNS: dict[str, Callable[[shapes.Integration], str]] = {
+    "NAME": lambda i: i.name,
+    "MODE": lambda i: i.mode,
+    "STATE": lambda i: i.state,
+    "FAILURES": lambda i: f"{i.consecutive_failures}/{i.failure_threshold}",
+    "PENDING": lambda i: str(i.counts.pending),
+    "RETRYING": lambda i: str(i.counts.retrying),
+    "HELD": lambda i: str(i.counts.held),
+    "DEAD": lambda i: str(i.counts.dead),
+    "DELIVERED 24H": lambda i: str(i.counts.delivered_24h),
+    "COPIES": lambda i: f"{i.cache.copies} ({_size(i.cache.bytes)})" if i.cache else "-",
+}
+EVENT_COLUMNS: dict[str, Callable[[shapes.EventSummary], str]] = {
+    "ID": lambda e: e.id,
+    "INTEGRATION": lambda e: e.integration,
+    "STATE": lambda e: e.state,
+    "ATTEMPT": lambda e: str(e.attempt),
+    "RECEIVED": lambda e: _when(e.received_ms),
+    "UPDATED": lambda e: _when(e.updated_ms),
+}
+ATTEMPT_COLUMNS: dict[str, Callable[[shapes.Attempt], str]] = {
+    "#": lambda a: str(a.n),
+    "AT": lambda a: _when(a.at_ms),
+    "STATUS": lambda a: str(a.status or "-"),
+    "ERROR": lambda a: a.error or "-",
+    "LATENCY MS": lambda a: f"{a.latency_ms:.1f}",
+    "OUTCOME": lambda a: a.outcome,
+    "ANSWERED": lambda a: a.answered or "-",
+}
+
+
+def _print_integration(i: shapes.Integration) -> None:
+    table([i], INTEGRATION_COLUMNS)
+    if i.state == "paused" and i.next_probe_ms:
+        click.echo(f"next probe: {_when(i.next_probe_ms)}")
+
+
+def _print_events(page: shapes.EventPage) -> None:
+    table(page.items, EVENT_COLUMNS)
+    if page.next_cursor:
+        click.echo(f"more: --cursor {page.next_cursor}")
+
+
+def _print_event(e: shapes.Event) -> None:
+    click.echo(f"event {e.id}  {e.integration}  {e.state}  received {_when(e.received_ms)}")
+    if e.request:
+        click.echo(f"  {e.request.method} {e.request.url}")
+    table(e.attempts, ATTEMPT_COLUMNS)
+
+
+def _print_status(status: shapes.Status) -> None:
+    click.echo(f"live workers: {status.workers_live}   scheduled attempts: {status.queue_depth}")
+    table(status.integrations, STATUS_COLUMNS)
+    paused = [i.name for i in status.integrations if i.state == "paused"]
+    if paused:
+        click.echo(f"paused: {', '.join(paused)}")
+
+
+def _print_job(job: shapes.ReplayJob) -> None:
     click.echo(
-        f"event {data['id']}  {data['integration']}  {data['state']}  received {_when(data['received_ms'])}"
+        f"bulk replay {job.id}: {job.status}, {job.matched} matched,"
+        f" {job.replayed} replayed, {job.skipped} skipped"
     )
-    request = data.get("request")
-    if request:
-        click.echo(f"  {request['method']} {request['url']}")
-    rows = [["#", "AT", "STATUS", "ERROR", "LATENCY MS", "OUTCOME", "ANSWERED"]]
-    for a in data["attempts"]:
-        rows.append(
-            [
-                str(a["n"]),
-                _when(a["at_ms"]),
-                str(a["status"] or "-"),
-                a["error"] or "-",
-                f"{a['latency_ms']:.1f}",
-                a["outcome"],
-                a.get("answered") or "-",
-            ]
-        )
-    table(rows)
 
 
-def output(data: Any, as_json: bool, kind: str = "integration") -> None:
+def _print_replay(r: shapes.EventReplay) -> None:
+    click.echo(f"event {r.id}: attempt {r.attempt} is {r.state}")
+
+
+PRINTERS: dict[type[shapes.Shape], Callable[[Any], None]] = {
+    shapes.IntegrationList: lambda answer: table(answer.items, INTEGRATION_COLUMNS),
+    shapes.Integration: _print_integration,
+    shapes.EventPage: _print_events,
+    shapes.Event: _print_event,
+    shapes.Status: _print_status,
+    shapes.ReplayJob: _print_job,
+    shapes.EventReplay: _print_replay,
+}
+
+
+def output(data: Any, as_json: bool, shape: type[shapes.Shape]) -> None:
+    """The API's answer: its JSON as sent (--json), or read as `shape` and printed as a table."""
     if as_json:
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    elif kind == "events":
-        print_events(data)
-    elif kind == "event":
-        print_event(data)
-    elif kind == "status":
-        click.echo(f"live workers: {data['workers_live']}   scheduled attempts: {data['queue_depth']}")
-        rows = [
-            [
-                "NAME",
-                "MODE",
-                "STATE",
-                "FAILURES",
-                "PENDING",
-                "RETRYING",
-                "HELD",
-                "DEAD",
-                "DELIVERED 24H",
-                "COPIES",
-            ]
-        ]
-        for i in data["integrations"]:
-            c = i["counts"]
-            cache = i.get("cache")
-            rows.append(
-                [
-                    i["name"],
-                    i["mode"],
-                    i["state"],
-                    f"{i['consecutive_failures']}/{i['failure_threshold']}",
-                    *(str(c[k]) for k in ("pending", "retrying", "held", "dead", "delivered_24h")),
-                    f"{cache['copies']} ({_size(cache['bytes'])})" if cache else "-",
-                ]
-            )
-        table(rows)
-        paused = [i["name"] for i in data["integrations"] if i["state"] == "paused"]
-        if paused:
-            click.echo(f"paused: {', '.join(paused)}")
-    elif kind == "bulk":
-        click.echo(
-            f"bulk replay {data['id']}: {data['status']}, {data['matched']} matched, "
-            f"{data['replayed']} replayed, {data['skipped']} skipped"
+        return
+    try:
+        answer = shape.model_validate(data)
+    except pydantic.ValidationError as exc:
+        _fail(
+            f"the API's answer is not a {shape.__name__} ({exc.error_count()} fields differ):"
+            " is the gateway at --url this version?"
         )
-    elif kind == "replay":
-        click.echo(f"event {data['id']}: attempt {data['attempt']} is {data['state']}")
-    elif "items" in data:
-        print_integrations(data["items"])
-    else:
-        print_integrations([data])
-        if data.get("state") == "paused" and data.get("next_probe_ms"):
-            click.echo(f"next probe: {_when(data['next_probe_ms'])}")
+    PRINTERS[shape](answer)
 
 
 def api_options(command: Any) -> Any:

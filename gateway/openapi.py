@@ -1,9 +1,10 @@
 """The OpenAPI 3.1 document of the admin API, served without auth at /admin/openapi.json.
 
-Written by hand as plain JSON Schema, so it says exactly what `gateway.admin` answers: every
-route, its parameters and body, and each status it can answer, errors included (all errors
-have the body `{"error": code, "detail": sentence}`; see `gateway.app`). tests/test_openapi.py
-checks the document against the live API.
+The paths table is written here: every route, its parameters and body, and each status it can
+answer, errors included (all errors have the body `{"error": code, "detail": sentence}`; see
+`gateway.errors`). The schemas of bodies and query parameters are generated from the models in
+`gateway.shapes`, which `gateway.admin` validates and answers with. tests/test_openapi.py checks
+the document against the live API.
 """
 
 from __future__ import annotations
@@ -11,190 +12,63 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.events import EventState
+from gateway import shapes
 from gateway.settings import NAME_PATTERN
 
 Schema = dict[str, Any]
 
-STATES = [s.value for s in EventState]
 # A path segment as Starlette matches it ([^/]+), less "." and "..", which clients resolve away.
 SEGMENT = r"^[^/]*[^/.][^/]*$"
+
+ANSWERS: list[type[BaseModel]] = [
+    shapes.Error,
+    shapes.IntegrationList,
+    shapes.Integration,
+    shapes.Status,
+    shapes.EventPage,
+    shapes.Event,
+    shapes.EventReplay,
+    shapes.ReplayJob,
+]
+REQUESTS: list[type[BaseModel]] = [shapes.ReplayRequest, shapes.EventQuery]
+
+
+def _schemas() -> dict[str, Schema]:
+    """The components' schemas, generated from `gateway.shapes` (answers as they are serialized,
+    requests as they are validated)."""
+    _, top = models_json_schema(
+        [(m, "serialization") for m in ANSWERS] + [(m, "validation") for m in REQUESTS],
+        ref_template="#/components/schemas/{model}",
+    )
+    return dict(top["$defs"])
+
+
+SCHEMAS = _schemas()
 
 
 def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _object(properties: dict[str, Schema], *, optional: tuple[str, ...] = ()) -> Schema:
-    """A closed object: every property but the optional ones is required, no others are allowed."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": [k for k in properties if k not in optional],
-        "additionalProperties": False,
-    }
+def _query_parameters(model: type[BaseModel]) -> list[Schema]:
+    """One optional query parameter per field of a request model, described by its schema."""
+    properties = SCHEMAS[model.__name__]["properties"]
+    parameters = []
+    for name, schema in properties.items():
+        schema = {k: v for k, v in schema.items() if k not in ("title", "description")}
+        description = model.model_fields[name].description or name
+        parameters.append(
+            {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+        )
+    return parameters
 
 
-def _nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-INT: Schema = {"type": "integer"}
-COUNT: Schema = {"type": "integer", "minimum": 0}
 STRING: Schema = {"type": "string"}
-MS: Schema = {"type": "integer", "description": "milliseconds since the epoch"}
-STATE: Schema = {"type": "string", "enum": STATES}
-
-SCHEMAS: dict[str, Schema] = {
-    "Error": _object(
-        {
-            "error": {"type": "string", "description": "a stable code, e.g. not_found"},
-            "detail": {"type": "string", "description": "what went wrong, in a sentence"},
-        }
-    ),
-    "Counts": _object(
-        {
-            "pending": COUNT,
-            "in_flight": COUNT,
-            "retrying": COUNT,
-            "held": COUNT,
-            "dead": COUNT,
-            "delivered_24h": COUNT,
-        }
-    ),
-    "Integration": _object(
-        {
-            "name": STRING,
-            "mode": {"type": "string", "enum": ["relay", "proxy"]},
-            "target": STRING,
-            "state": {"type": "string", "enum": ["active", "paused"]},
-            "paused_by": {"enum": ["operator", "failures", None]},
-            "consecutive_failures": COUNT,
-            "failure_threshold": INT,
-            "held": COUNT,
-            "last_error": _nullable(STRING),
-            "last_failure_ms": _nullable(MS),
-            "last_success_ms": _nullable(MS),
-            "paused_ms": _nullable(MS),
-            "next_probe_ms": _nullable(MS),
-            "counts": _ref("Counts"),
-            "cache": _nullable(
-                {
-                    **_object({"copies": COUNT, "bytes": COUNT}),
-                    "description": "proxy mode: the last good answers kept (null in relay mode)",
-                }
-            ),
-            "max_in_flight": {**COUNT, "description": "attempts in flight at once, across all workers"},
-            "rate_limit_per_s": _nullable({"type": "number"}),
-            "rate_limit_burst": _nullable(COUNT),
-            "ordered": {"type": "boolean"},
-            "waiting_until_ms": _nullable(
-                {**MS, "description": "the endpoint asked it to wait until then (429/503 with Retry-After)"}
-            ),
-            "wait_reason": _nullable(STRING),
-        }
-    ),
-    "IntegrationList": _object({"items": {"type": "array", "items": _ref("Integration")}}),
-    "Status": _object(
-        {
-            "workers_live": COUNT,
-            "queue_depth": COUNT,
-            "integrations": {"type": "array", "items": _ref("Integration")},
-        }
-    ),
-    "EventSummary": _object(
-        {
-            "id": STRING,
-            "integration": STRING,
-            "state": STATE,
-            "attempt": COUNT,
-            "received_ms": MS,
-            "updated_ms": MS,
-        }
-    ),
-    "EventPage": _object(
-        {
-            "items": {"type": "array", "items": _ref("EventSummary")},
-            "next_cursor": _nullable(
-                {"type": "string", "description": "pass as ?cursor= to get the next page"}
-            ),
-        }
-    ),
-    "Attempt": _object(
-        {
-            "n": COUNT,
-            "at_ms": MS,
-            "latency_ms": {"type": "number"},
-            "status": _nullable(INT),
-            "error": _nullable(STRING),
-            "detail": STRING,
-            "outcome": STRING,
-            "body": STRING,
-            "retry_in_s": {"type": "number"},
-            "answered": {
-                "type": "string",
-                "enum": ["fresh", "hit", "stale", "error", "queued"],
-                "description": "proxy mode: how the helpdesk was answered",
-            },
-        },
-        optional=("retry_in_s", "answered"),
-    ),
-    "StoredRequest": _object(
-        {
-            "method": STRING,
-            "url": STRING,
-            "headers": {
-                "type": "array",
-                "description": "[name, value] pairs as received; credentials show as [redacted]",
-                "items": {"type": "array", "prefixItems": [STRING, STRING], "minItems": 2, "maxItems": 2},
-            },
-            "body": _nullable({"type": "string", "description": "the body, when it is UTF-8"}),
-            "body_base64": _nullable({"type": "string", "description": "the body, when it is not UTF-8"}),
-        }
-    ),
-    "Event": _object(
-        {
-            "id": STRING,
-            "integration": STRING,
-            "state": STATE,
-            "attempt": COUNT,
-            "received_ms": MS,
-            "updated_ms": MS,
-            "attempts": {"type": "array", "items": _ref("Attempt")},
-            "request": _ref("StoredRequest"),
-        },
-        optional=("request",),
-    ),
-    "EventReplay": _object({"id": STRING, "state": STATE, "attempt": COUNT}),
-    "ReplayRequest": {
-        "type": "object",
-        "description": "no body, or {}, replays every dead event; an unknown field is a 422",
-        "additionalProperties": False,
-        "properties": {
-            "integration": {"type": "string", "description": "only this integration's events"},
-            "state": {**STATE, "default": "dead", "description": "only events in this state"},
-            "since": {"type": "string", "description": "milliseconds since the epoch or ISO 8601"},
-            "until": {"type": "string", "description": "milliseconds since the epoch or ISO 8601"},
-        },
-    },
-    "ReplayFilter": _object(
-        {"integration": _nullable(STRING), "state": STATE, "since": _nullable(MS), "until": _nullable(MS)}
-    ),
-    "ReplayJob": _object(
-        {
-            "id": STRING,
-            "status": {"type": "string", "enum": ["running", "done", "cancelled"]},
-            "matched": COUNT,
-            "replayed": COUNT,
-            "skipped": COUNT,
-            "created_ms": MS,
-            "filter": _ref("ReplayFilter"),
-        }
-    ),
-}
 
 ERRORS = {
     401: "no or a wrong bearer token, or the admin API is disabled (GATEWAY_ADMIN_TOKEN unset)",
@@ -241,23 +115,9 @@ def _path(name: str, pattern: str, description: str) -> Schema:
     }
 
 
-def _query(name: str, schema: Schema, description: str) -> Schema:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
-
-
 INTEGRATION = _path("name", NAME_PATTERN, "the integration's name")
 EVENT = _path("id", SEGMENT, "the event's id")
 REPLAY = _path("id", SEGMENT, "the replay job's id")
-TIME = "milliseconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)"
-EVENT_FILTERS = [
-    _query("integration", STRING, "only this integration's events (422 if none is so named)"),
-    _query("state", STATE, "only events in this state"),
-    _query("since", STRING, "received at or after: " + TIME),
-    _query("until", STRING, "received at or before: " + TIME),
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "page size"),
-    _query("cursor", STRING, "the next_cursor of the previous page, unchanged"),
-]
-
 PATHS: dict[str, Schema] = {
     "/admin/integrations": {
         "get": _operation("Every integration and its health", (200, "the integrations", "IntegrationList")),
@@ -282,7 +142,10 @@ PATHS: dict[str, Schema] = {
     },
     "/admin/events": {
         "get": _operation(
-            "Events newest first, one page", (200, "a page of events", "EventPage"), (422,), EVENT_FILTERS
+            "Events newest first, one page",
+            (200, "a page of events", "EventPage"),
+            (422,),
+            _query_parameters(shapes.EventQuery),
         ),
     },
     "/admin/events/{id}": {

@@ -13,14 +13,11 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from gateway.errors import Conflict
 from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Config
+from gateway.shapes import ReplayFilter, ReplayJob
 from gateway.store import Store, every
 
 log = logging.getLogger("gateway.replays")
@@ -33,22 +30,6 @@ KEEP_DONE_S = 7 * 86400
 LOCK_MS = 30_000  # one worker runs a replay; its lock is renewed after each batch
 
 
-@dataclass(frozen=True)
-class Filter:
-    integration: str | None
-    state: EventState
-    since: int | None
-    until: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "integration": self.integration,
-            "state": self.state.value,
-            "since": self.since,
-            "until": self.until,
-        }
-
-
 class ReplayJobs:
     """The API side: start, show and cancel bulk replays."""
 
@@ -56,7 +37,7 @@ class ReplayJobs:
         self._config = config
         self._store = store
 
-    async def start(self, selection: Filter, idempotency_key: str | None) -> dict[str, Any]:
+    async def start(self, selection: ReplayFilter, idempotency_key: str | None) -> ReplayJob:
         replay_id = new_event_id()
         if idempotency_key:
             first = await self._store.claim_replay_key(idempotency_key, replay_id, IDEMPOTENCY_TTL_S)
@@ -75,33 +56,28 @@ class ReplayJobs:
             "replayed": 0,
             "skipped": 0,
             "created_ms": now_ms(),
-            "filter": orjson.dumps(selection.as_dict()),
+            "filter": selection.model_dump_json(),
         }
         await self._store.create_replay(replay_id, matched, job, KEEP_DONE_S)
-        log.info("bulk replay %s started: %d events match %s", replay_id, len(matched), selection.as_dict())
+        log.info("bulk replay %s started: %d events match %s", replay_id, len(matched), selection)
         found = await self.get(replay_id)
         assert found is not None
         return found
 
-    async def get(self, replay_id: str) -> dict[str, Any] | None:
+    async def get(self, replay_id: str) -> ReplayJob | None:
         f = await self._store.replay_job(replay_id)
         if f is None:
             return None
-        return {
-            "id": replay_id,
-            "status": f["status"].decode(),
-            "matched": int(f["matched"]),
-            "replayed": int(f["replayed"]),
-            "skipped": int(f["skipped"]),
-            "created_ms": int(f["created_ms"]),
-            "filter": orjson.loads(f["filter"]),
-        }
+        fields = {k: v.decode() for k, v in f.items() if k != "filter"}
+        return ReplayJob.model_validate(
+            {**fields, "id": replay_id, "filter": ReplayFilter.model_validate_json(f["filter"])}
+        )
 
-    async def cancel(self, replay_id: str) -> dict[str, Any] | None:
+    async def cancel(self, replay_id: str) -> ReplayJob | None:
         found = await self.get(replay_id)
         if found is None:
             return None
-        if found["status"] == "running":
+        if found.status == "running":
             await self._store.end_replay(replay_id, "cancelled", KEEP_DONE_S)
             log.info("bulk replay %s cancelled", replay_id)
         return await self.get(replay_id)

@@ -109,10 +109,18 @@ def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
     assert zcard(rdb, KEYS.state_index("crm", "delivered")) == settled < 600
     assert admin(gateway, "GET", f"/admin/replays/{job['id']}").json()["status"] == "cancelled"
 
-    for body in ({"state": "lost"}, {"integration": "nope"}, {"since": "soon"}, {"colour": 1}, [1]):
+    for body, field in (
+        ({"state": "lost"}, "state"),
+        ({"integration": "nope"}, "integration"),
+        ({"since": "soon"}, "since"),
+        ({"since": True}, "since"),
+        ({"colour": 1}, "colour"),
+        ([1], "body"),
+    ):
         answer = admin(gateway, "POST", "/admin/replay", json=body)
         assert answer.status_code == 422, body
         assert answer.json()["error"] == "invalid_parameter"
+        assert answer.json()["detail"].startswith(field + ": "), answer.json()
     assert admin(gateway, "GET", "/admin/replays/nope").status_code == 404
     assert admin(gateway, "POST", "/admin/replays/nope/cancel").status_code == 404
 
