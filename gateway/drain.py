@@ -27,7 +27,7 @@ from gateway.alerts import AlertKind, Alerts
 from gateway.delivery import Result, Verdict, backoff_s
 from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Integration, Settings
-from gateway.store import Finished, Store, every
+from gateway.store import Finished, Lock, Store, every
 
 if TYPE_CHECKING:
     from gateway.worker import Deliverer
@@ -97,19 +97,18 @@ class Drainer:
         return forget
 
     async def _locked(self, integration: Integration, *, probe: bool) -> None:
-        lock = self._store.keys.drain_lock(integration.name)
-        lock_ms = self._batch_lease_ms(integration) + 5000
-        if not await self._store.lock(lock, self._owner, lock_ms):
+        lock = self._store.drain_lock(integration.name, self._owner, self._batch_lease_ms(integration) + 5000)
+        if not await self._store.lock(lock):
             return
         try:
             if probe and not await self._probe(integration):
                 return
-            await self._drain(integration, lock, lock_ms)
+            await self._drain(integration, lock)
         except (RedisError, OSError) as exc:
             log.warning("drain of %s stopped: Redis unavailable (%s)", integration.name, exc)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await self._store.unlock(lock, self._owner)
+                await self._store.unlock(lock)
 
     async def _send(
         self, name: str, event_id: str, attempt: int, received_ms: int, blob: bytes
@@ -177,7 +176,7 @@ class Drainer:
         with contextlib.suppress(RedisError, OSError):
             await asyncio.shield(self._store.return_held(name, taken))
 
-    async def _drain(self, integration: Integration, lock: str, lock_ms: int) -> None:
+    async def _drain(self, integration: Integration, lock: Lock) -> None:
         name = integration.name
         batch = batch_size(integration)
         lease_ms = self._batch_lease_ms(integration)
@@ -228,7 +227,7 @@ class Drainer:
                 await asyncio.sleep(backoff_s(integration.retry, failures))
             if any(f is not None and f.paused for f in results):
                 return
-            await self._store.renew(lock, lock_ms)
+            await self._store.renew(lock)
             spare = interval_s - (time.monotonic() - started)
             if spare > 0:
                 await asyncio.sleep(spare)

@@ -96,6 +96,11 @@ class Keys:
         return f"{self.prefix}:due:{integration}"
 
     @property
+    def legacy_due(self) -> str:
+        """The one schedule of gateways before per-integration schedules (MIGRATE_DUE empties it)."""
+        return f"{self.prefix}:due"
+
+    @property
     def ready(self) -> str:
         return f"{self.prefix}:ready"
 
@@ -163,17 +168,63 @@ class Keys:
         return f"{self.prefix}:probe:{integration}"
 
 
-# Lua keeps the same layout; ARGV[1] is always the prefix. Redis runs Lua 5.1 (no goto).
+# The prelude's key functions (Lua name, Keys method, parameter names), and the fixed key names
+# every script is given in KEYS, in this order (Lua name, Keys property; store.Script passes them).
+_LUA_FUNCTIONS = [
+    ("ev", "event", ("id",)),
+    ("rq", "request", ("id",)),
+    ("at", "attempts", ("id",)),
+    ("st", "state_index", ("integ", "s")),
+    ("int", "integration", ("name",)),
+    ("due_key", "due", ("integ",)),
+    ("idem_key", "idempotency", ("integ", "key")),
+    ("px_key", "proxy_copy", ("integ", "key")),
+    ("pxi_key", "proxy_index", ("integ",)),
+    ("pxs_key", "proxy_sizes", ("integ",)),
+    ("probe_key", "probe_request", ("integ",)),
+    ("metric_key", "metric", ("name",)),
+]
+LUA_NAMES = [
+    ("READY", "ready"),
+    ("BELL", "bell"),
+    ("LEASE", "lease"),
+    ("ATTENTION", "attention"),
+    ("LEGACY_DUE", "legacy_due"),
+]
+
+
+def _lua_keys() -> str:
+    """Lua for the prefix (ARGV[1]), the fixed key names (KEYS) and a function for each family of
+    keys, from Keys: each method is called with markers in place of the prefix and its parameters,
+    and the name it returns is cut at the markers into literals and Lua variables (`event` gives
+    `return P .. ':ev:' .. id`)."""
+    marked = Keys("\x00P\x00")
+
+    def expression(name: str) -> str:
+        parts = name.split("\x00")
+        assert all("'" not in p and "\\" not in p for p in parts[::2])
+        return " .. ".join(f"'{p}'" if i % 2 == 0 else p for i, p in enumerate(parts) if p)
+
+    lines = ["local P = ARGV[1]"]
+    for lua, method, params in _LUA_FUNCTIONS:
+        name = getattr(marked, method)(*(f"\x00{p}\x00" for p in params))
+        lines.append(f"local function {lua}({', '.join(params)}) return {expression(name)} end")
+    lines += [f"local {lua} = KEYS[{k}]" for k, (lua, _) in enumerate(LUA_NAMES, 1)]
+    return "\n".join(lines)
+
+
+# Lua keeps the same layout, and does not write it again: the prelude's key functions and names
+# are generated from Keys' own methods (called with markers for the prefix and the parts), so a
+# key renamed in Keys is renamed in every script. The fixed names come in KEYS (as saq passes its
+# keys); ARGV[1] is always the prefix, for the names built per event or integration inside a batch
+# (they cannot be known before the script runs).
+# Redis runs Lua 5.1 (no goto).
 # Each command costs Redis 3-7 us per event here, so the hot scripts work on batches and use as
 # few per event as the invariants allow: ACCEPT one, CLAIM_DUE two, FINISH_MANY three; the rest
 # (index moves, metrics, health) is grouped into one command per batch and key.
-_PRELUDE = """
-local P = ARGV[1]
-local function ev(id) return P .. ':ev:' .. id end
-local function rq(id) return P .. ':rq:' .. id end
-local function at(id) return P .. ':at:' .. id end
-local function st(integ, s) return P .. ':st:' .. integ .. ':' .. s end
-local function int(name) return P .. ':int:' .. name end
+_PRELUDE = (
+    _lua_keys()
+    + """
 -- Many values in two arguments (redis-py packs each argument in Python, which cost more than the
 -- script's work per event): `lengths` lists their byte lengths, comma-separated, and `data` holds
 -- them back to back. Returns a function that gives the next value at each call.
@@ -205,19 +256,18 @@ end
 -- entries per integration (one ZADD each) and moves the integration's ready time earlier where
 -- needed; `ring` then wakes a waiting worker, once per script, when any ready time moved earlier
 -- (a worker waits until the earliest ready time, or for the bell).
-local function due_key(integ) return P .. ':due:' .. integ end
 local function schedule(dues)
   local earlier = false
   for integ, list in pairs(dues) do
     redis.call('ZADD', due_key(integ), unpack(list))
     local first = list[1]
     for j = 3, #list, 2 do if tonumber(list[j]) < tonumber(first) then first = list[j] end end
-    if redis.call('ZADD', P .. ':ready', 'LT', 'CH', first, integ) > 0 then earlier = true end
+    if redis.call('ZADD', READY, 'LT', 'CH', first, integ) > 0 then earlier = true end
   end
   return earlier
 end
 local function ring()
-  if redis.call('RPUSH', P .. ':bell', 1) > 16 then redis.call('LTRIM', P .. ':bell', -16, -1) end
+  if redis.call('RPUSH', BELL, 1) > 16 then redis.call('LTRIM', BELL, -16, -1) end
 end
 -- An integration holds events while it is paused, and while it drains what it held (they wait
 -- behind the held ones, so arrival order is kept). `draining` is set by a resume that leaves held
@@ -294,7 +344,7 @@ local function health_write(H)
     if h.w50 and not h.had50 then fields[#fields + 1] = 'w50'; fields[#fields + 1] = 1 end
     if h.w90 and not h.had90 then fields[#fields + 1] = 'w90'; fields[#fields + 1] = 1 end
     if #fields > 0 then redis.call('HSET', int(integ), unpack(fields)) end
-    if h.set.state == 'paused' then redis.call('SADD', P .. ':attention', integ) end
+    if h.set.state == 'paused' then redis.call('SADD', ATTENTION, integ) end
     local gone = {}
     if h.had50 and not h.w50 then gone[#gone + 1] = 'w50' end
     if h.had90 and not h.w90 then gone[#gone + 1] = 'w90' end
@@ -304,7 +354,7 @@ end
 -- Proxy copies: forgets the expired ones, then (limit >= 0) evicts the soonest to expire until the
 -- integration's copies fit in `limit` bytes.
 local function prune_copies(integ, now, limit)
-  local index, sizes = P .. ':pxi:' .. integ, P .. ':pxs:' .. integ
+  local index, sizes = pxi_key(integ), pxs_key(integ)
   local function forget(keys)
     if #keys == 0 then return end
     local got = redis.call('HMGET', sizes, unpack(keys))
@@ -326,7 +376,7 @@ local function prune_copies(integ, now, limit)
       if total <= limit then break end
       total = total - tonumber(got[j] or 0)
       freed[#freed + 1] = key
-      doomed[#doomed + 1] = P .. ':px:' .. integ .. ':' .. key
+      doomed[#doomed + 1] = px_key(integ, key)
     end
     redis.call('UNLINK', unpack(doomed))
     forget(freed)
@@ -346,6 +396,7 @@ local function tally_write(key, counts, float)
   end
 end
 """
+)
 
 # ARGV: prefix, now, idempotency ttl ms, count, lengths, data.
 # `data` holds, per event, four fields back to back: id, integration, idempotency key (may be
@@ -362,7 +413,7 @@ for k = 1, count do
   local id, integ, idem, blob = take(), take(), take(), take()
   local first = false
   if idem ~= '' then
-    local ik = P .. ':idem:' .. integ .. ':' .. idem
+    local ik = idem_key(integ, idem)
     first = seen[ik] or redis.call('GET', ik)
     if not first then
       redis.call('SET', ik, id, 'PX', idem_px)
@@ -395,7 +446,7 @@ end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
 if schedule(due) then ring() end
 flush('ZADD', indexed)
-for integ, n in pairs(accepted) do redis.call('HINCRBY', P .. ':m:accepted', integ, n) end
+for integ, n in pairs(accepted) do redis.call('HINCRBY', metric_key('accepted'), integ, n) end
 return out
 """
 )
@@ -418,7 +469,7 @@ CLAIM_DUE = (
     + """
 local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local policies, default = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
-local ready = P .. ':ready'
+local ready = READY
 local names = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, 64)
 local out, blobs, removed, added, leased, claimed = {}, {}, {}, {}, {}, {}
 local left = limit
@@ -549,7 +600,7 @@ local with = {}
 local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
 with[1] = first[2] or 0
 if #blobs > 0 then
-  redis.call('ZADD', P .. ':lease', unpack(leased))
+  redis.call('ZADD', LEASE, unpack(leased))
   local got = redis.call('MGET', unpack(blobs))
   for k = 1, #blobs do
     for j = 1, 5 do with[#with + 1] = out[(k - 1) * 5 + j] end
@@ -587,7 +638,7 @@ for k, item in ipairs(items) do
   local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
   local live = f[1] == 'in_flight' and f[2] == n
   if live and item[5] == '1' then
-    local lease = redis.call('ZSCORE', P .. ':lease', id)
+    local lease = redis.call('ZSCORE', LEASE, id)
     live = not lease or tonumber(lease) <= now
   end
   if not live then
@@ -641,26 +692,26 @@ for k, item in ipairs(items) do
     out[k] = r
   end
 end
-if #leases > 0 then redis.call('ZREM', P .. ':lease', unpack(leases)) end
+if #leases > 0 then redis.call('ZREM', LEASE, unpack(leases)) end
 flush('ZREM', removed)
 flush('ZADD', added)
 local earlier = schedule(due)
 for integ, h in pairs(health) do
   if h.wait_until then
-    redis.call('ZADD', P .. ':ready', h.wait_until, integ)
+    redis.call('ZADD', READY, h.wait_until, integ)
   elseif h.capped then
     -- a slot of an integration at its cap is free again
     redis.call('HDEL', int(integ), 'capped')
-    if redis.call('ZADD', P .. ':ready', 'LT', 'CH', now, integ) > 0 then earlier = true end
+    if redis.call('ZADD', READY, 'LT', 'CH', now, integ) > 0 then earlier = true end
   end
 end
 if earlier then ring() end
 health_write(health)
-tally_write(P .. ':m:wait', waited)
-tally_write(P .. ':m:wait_sum', waited_sum, true)
-tally_write(P .. ':m:attempts', attempts)
-tally_write(P .. ':m:latency', latency)
-tally_write(P .. ':m:latency_sum', latency_sum, true)
+tally_write(metric_key('wait'), waited)
+tally_write(metric_key('wait_sum'), waited_sum, true)
+tally_write(metric_key('attempts'), attempts)
+tally_write(metric_key('latency'), latency)
+tally_write(metric_key('latency_sum'), latency_sum, true)
 return out
 """
 )
@@ -712,7 +763,7 @@ for k, item in ipairs(items) do
   strings[#strings + 1] = blob
   redis.call('RPUSH', at(id), record)
   group(added, st(integ, state), score, id)
-  if item[6] == 'F' then redis.call('SET', P .. ':probe:' .. integ, blob) end
+  if item[6] == 'F' then redis.call('SET', probe_key(integ), blob) end
   if item[10] ~= '' then
     tally(attempts, integ .. '|' .. state)
     tally(latency, integ .. '|' .. item[10])
@@ -723,9 +774,9 @@ for k, item in ipairs(items) do
   tally(answer_sum, integ, tonumber(item[14]))
   if copy ~= '' then
     local key, ttl = item[15], tonumber(item[16])
-    local sizes = P .. ':pxs:' .. integ
-    redis.call('SET', P .. ':px:' .. integ .. ':' .. key, copy, 'PX', ttl)
-    redis.call('ZADD', P .. ':pxi:' .. integ, now + ttl, key)
+    local sizes = pxs_key(integ)
+    redis.call('SET', px_key(integ, key), copy, 'PX', ttl)
+    redis.call('ZADD', pxi_key(integ), now + ttl, key)
     local before = tonumber(redis.call('HGET', sizes, key) or 0)
     redis.call('HSET', sizes, key, #copy)
     redis.call('HINCRBY', sizes, '#', #copy - before)
@@ -737,12 +788,12 @@ if #strings > 0 then redis.call('MSET', unpack(strings)) end
 flush('ZADD', added)
 if schedule(due) then ring() end
 health_write(health)
-tally_write(P .. ':m:attempts', attempts)
-tally_write(P .. ':m:latency', latency)
-tally_write(P .. ':m:latency_sum', latency_sum, true)
-tally_write(P .. ':m:proxy', answers)
-tally_write(P .. ':m:proxy_latency', answer_latency)
-tally_write(P .. ':m:proxy_latency_sum', answer_sum, true)
+tally_write(metric_key('attempts'), attempts)
+tally_write(metric_key('latency'), latency)
+tally_write(metric_key('latency_sum'), latency_sum, true)
+tally_write(metric_key('proxy'), answers)
+tally_write(metric_key('proxy_latency'), answer_latency)
+tally_write(metric_key('proxy_latency_sum'), answer_sum, true)
 for integ, limit in pairs(copied) do prune_copies(integ, now, limit) end
 return out
 """
@@ -759,7 +810,7 @@ for k = 2, #ARGV, 2 do
   local integ, key = ARGV[k], ARGV[k + 1]
   if states[integ] == nil then states[integ] = redis.call('HGET', int(integ), 'state') == 'paused' end
   out[#out + 1] = states[integ] and 1 or 0
-  out[#out + 1] = key ~= '' and redis.call('GET', P .. ':px:' .. integ .. ':' .. key) or ''
+  out[#out + 1] = key ~= '' and redis.call('GET', px_key(integ, key)) or ''
 end
 return out
 """
@@ -774,8 +825,8 @@ local now, out = tonumber(ARGV[2]), {}
 for k = 3, #ARGV do
   local integ = ARGV[k]
   prune_copies(integ, now, -1)
-  local sizes = P .. ':pxs:' .. integ
-  out[#out + 1] = {redis.call('ZCARD', P .. ':pxi:' .. integ), tonumber(redis.call('HGET', sizes, '#') or 0)}
+  local sizes = pxs_key(integ)
+  out[#out + 1] = {redis.call('ZCARD', pxi_key(integ)), tonumber(redis.call('HGET', sizes, '#') or 0)}
 end
 return out
 """
@@ -811,7 +862,7 @@ for k = 1, #ids, 2 do
     redis.call('ZREM', st(integ, 'held'), id)
     -- the held score, so that RETURN_HELD and FINISH can put it back in its exact place
     redis.call('ZADD', st(integ, 'in_flight'), ids[k + 1], id)
-    redis.call('ZADD', P .. ':lease', now + lease, id)
+    redis.call('ZADD', LEASE, now + lease, id)
     out[#out + 1] = id
     out[#out + 1] = f[2]
     out[#out + 1] = f[3]
@@ -825,7 +876,7 @@ if ARGV[6] ~= '1' then
     redis.call('HSET', ik, 'draining', 1)
   else
     redis.call('HDEL', ik, 'draining')
-    redis.call('SREM', P .. ':attention', integ)
+    redis.call('SREM', ATTENTION, integ)
   end
 end
 return out
@@ -843,7 +894,7 @@ for k = 3, #ARGV, 2 do
   local f = redis.call('HMGET', ev(id), 's', 'n', 't')
   if f[1] == 'in_flight' and f[2] == ARGV[k + 1] then
     redis.call('HSET', ev(id), 's', 'held')
-    redis.call('ZREM', P .. ':lease', id)
+    redis.call('ZREM', LEASE, id)
     local score = redis.call('ZSCORE', st(integ, 'in_flight'), id) or f[3]
     redis.call('ZREM', st(integ, 'in_flight'), id)
     redis.call('ZADD', st(integ, 'held'), score, id)
@@ -867,14 +918,14 @@ if ARGV[4] == 'pause' then
   if before ~= 'paused' or ARGV[5] == '1' then
     redis.call('HSET', ik, 'state', 'paused', 'paused_ms', now, 'manual', ARGV[5])
   end
-  redis.call('SADD', P .. ':attention', integ)
+  redis.call('SADD', ATTENTION, integ)
 else
   redis.call('HSET', ik, 'state', 'active', 'fails', 0)
   redis.call('HDEL', ik, 'w50', 'w90', 'manual', 'probe_ms', 'cooldown_s', 'paused_ms')
   -- new events keep waiting behind the held ones until the drain has taken them all
   if held > 0 then
     redis.call('HSET', ik, 'draining', 1)
-    redis.call('SADD', P .. ':attention', integ)
+    redis.call('SADD', ATTENTION, integ)
   end
 end
 return {before, held}
@@ -943,10 +994,10 @@ ATTENTION = (
     _PRELUDE
     + """
 local out = {}
-for _, integ in ipairs(redis.call('SMEMBERS', P .. ':attention')) do
+for _, integ in ipairs(redis.call('SMEMBERS', ATTENTION)) do
   local f = redis.call('HMGET', int(integ), 'state', 'manual', 'probe_ms', 'draining')
   if f[1] ~= 'paused' and not f[4] then
-    redis.call('SREM', P .. ':attention', integ)
+    redis.call('SREM', ATTENTION, integ)
   else
     out[#out + 1] = {integ, f[1] or 'active', f[2] or '0', f[3] or '0', f[4] and '1' or '0'}
   end
@@ -962,7 +1013,7 @@ return out
 MIGRATE_DUE = (
     _PRELUDE
     + """
-local old = P .. ':due'
+local old = LEGACY_DUE
 if redis.call('TYPE', old).ok ~= 'zset' then return 0 end
 local moved = 0
 while true do

@@ -18,7 +18,7 @@ from gateway.errors import Conflict
 from gateway.events import EventState, new_event_id, now_ms
 from gateway.settings import Config
 from gateway.shapes import ReplayFilter, ReplayJob
-from gateway.store import Store, every
+from gateway.store import Lock, Store, every
 
 log = logging.getLogger("gateway.replays")
 
@@ -95,15 +95,15 @@ class ReplayRunner:
 
     async def run_once(self) -> None:
         for replay_id in await self._store.running_replays():
-            lock = self._store.keys.replay_lock(replay_id)
-            if not await self._store.lock(lock, self._owner, LOCK_MS):
+            lock = self._store.replay_lock(replay_id, self._owner, LOCK_MS)
+            if not await self._store.lock(lock):
                 continue
             try:
                 await self._run(replay_id, lock)
             finally:
-                await self._store.unlock(lock, self._owner)
+                await self._store.unlock(lock)
 
-    async def _run(self, replay_id: str, lock: str) -> None:
+    async def _run(self, replay_id: str, lock: Lock) -> None:
         while True:
             started = time.monotonic()
             ids = await self._store.next_replay_ids(replay_id, BATCH)
@@ -119,7 +119,7 @@ class ReplayRunner:
                     replayed += 1
                 else:
                     skipped += 1
-            await self._store.replay_progress(replay_id, replayed, skipped, lock, LOCK_MS)
+            await self._store.replay_progress(replay_id, replayed, skipped, lock)
             spare = len(ids) / REPLAY_RATE_PER_S - (time.monotonic() - started)
             if spare > 0:
                 await asyncio.sleep(spare)

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar, cast
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
 from gateway import keys
 from gateway.delivery import NOT_SENT, Result
@@ -112,6 +113,15 @@ class Finished:
             return None
         signals = tuple(x.decode() for x in got[4:])
         return cls(STATE_OF[got[1]], int(got[2]), got[3] == 1, signals)
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """A lock in Redis: its key, who holds it, and how long it lasts unless renewed."""
+
+    key: str
+    owner: str
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,24 +242,36 @@ def _summary(
     }
 
 
+class Script:
+    """A script of keys.py, called as the prelude expects: the layout's fixed key names in KEYS
+    (keys.LUA_NAMES' order), then the call's own arguments, the prefix first."""
+
+    def __init__(self, redis: Redis, source: str, layout: keys.Keys) -> None:
+        self._script = redis.register_script(source)
+        self._keys = [getattr(layout, name) for _, name in keys.LUA_NAMES]
+
+    async def __call__(self, args: Sequence[EncodableT]) -> Any:
+        return await self._script(keys=self._keys, args=args)
+
+
 class Store:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis = redis
         self.keys = keys.Keys(prefix)
-        self._accept = redis.register_script(keys.ACCEPT)
-        self._claim_due = redis.register_script(keys.CLAIM_DUE)
-        self._finish_many = redis.register_script(keys.FINISH_MANY)
-        self._take_held = redis.register_script(keys.TAKE_HELD)
-        self._return_held = redis.register_script(keys.RETURN_HELD)
-        self._set_state = redis.register_script(keys.SET_STATE)
-        self._replay = redis.register_script(keys.REPLAY)
-        self._trim = redis.register_script(keys.TRIM)
+        self._accept = Script(redis, keys.ACCEPT, self.keys)
+        self._claim_due = Script(redis, keys.CLAIM_DUE, self.keys)
+        self._finish_many = Script(redis, keys.FINISH_MANY, self.keys)
+        self._take_held = Script(redis, keys.TAKE_HELD, self.keys)
+        self._return_held = Script(redis, keys.RETURN_HELD, self.keys)
+        self._set_state = Script(redis, keys.SET_STATE, self.keys)
+        self._replay = Script(redis, keys.REPLAY, self.keys)
+        self._trim = Script(redis, keys.TRIM, self.keys)
         self._unlock = redis.register_script(keys.UNLOCK)
-        self._proxied = redis.register_script(keys.PROXIED)
-        self._migrate_due = redis.register_script(keys.MIGRATE_DUE)
-        self._attention = redis.register_script(keys.ATTENTION)
-        self._proxy_view = redis.register_script(keys.PROXY_VIEW)
-        self._copies = redis.register_script(keys.COPIES)
+        self._proxied = Script(redis, keys.PROXIED, self.keys)
+        self._migrate_due = Script(redis, keys.MIGRATE_DUE, self.keys)
+        self._attention = Script(redis, keys.ATTENTION, self.keys)
+        self._proxy_view = Script(redis, keys.PROXY_VIEW, self.keys)
+        self._copies = Script(redis, keys.COPIES, self.keys)
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events, due now; returns (id, is_repeat) for each."""
@@ -505,13 +527,21 @@ class Store:
             "delivered_24h": delivered
         }
 
-    async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
-        """Takes a lock that expires after `ttl_ms` (kept by `pexpire` while its work goes on)."""
-        return bool(await self.redis.set(key, owner, nx=True, px=ttl_ms))
+    def drain_lock(self, integration: str, owner: str, ttl_ms: int) -> Lock:
+        """One worker drains an integration's held events at a time."""
+        return Lock(self.keys.drain_lock(integration), owner, ttl_ms)
 
-    async def unlock(self, key: str, owner: str) -> None:
-        """Releases a lock if `owner` still holds it."""
-        await self._unlock(keys=[key], args=[owner])
+    def replay_lock(self, replay_id: str, owner: str, ttl_ms: int) -> Lock:
+        """One worker runs a bulk replay at a time."""
+        return Lock(self.keys.replay_lock(replay_id), owner, ttl_ms)
+
+    async def lock(self, lock: Lock) -> bool:
+        """Takes a lock that expires after its ttl (kept by `renew` while its work goes on)."""
+        return bool(await self.redis.set(lock.key, lock.owner, nx=True, px=lock.ttl_ms))
+
+    async def unlock(self, lock: Lock) -> None:
+        """Releases a lock if its owner still holds it."""
+        await self._unlock(keys=[lock.key], args=[lock.owner])
 
     async def attention(self) -> list[tuple[str, bool, bool, int, bool]]:
         """The integrations the drainer must look at: (name, paused, paused by hand, next probe ms,
@@ -550,8 +580,8 @@ class Store:
 
     # Locks (a drain, a bulk replay: one worker at a time)
 
-    async def renew(self, key: str, ttl_ms: int) -> None:
-        await self.redis.pexpire(key, ttl_ms)
+    async def renew(self, lock: Lock) -> None:
+        await self.redis.pexpire(lock.key, lock.ttl_ms)
 
     # Bulk replays
 
@@ -615,13 +645,12 @@ class Store:
         ids = await self.redis.lpop(self.keys.replay_ids(replay_id), count)  # type: ignore[misc]
         return [raw.decode() for raw in ids or []]
 
-    async def replay_progress(
-        self, replay_id: str, replayed: int, skipped: int, lock: str, lock_ms: int
-    ) -> None:
+    async def replay_progress(self, replay_id: str, replayed: int, skipped: int, lock: Lock) -> None:
+        """Counts a batch of a bulk replay, and renews the replay's lock."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(self.keys.replay(replay_id), "replayed", replayed)
             pipe.hincrby(self.keys.replay(replay_id), "skipped", skipped)
-            pipe.pexpire(lock, lock_ms)
+            pipe.pexpire(lock.key, lock.ttl_ms)
             await pipe.execute()
 
     async def forget_worker(self, worker_id: str) -> None:
