@@ -79,6 +79,29 @@ def webhook_body(size: int = 500) -> bytes:
     return body
 
 
+async def post_like_a_worker(
+    session: aiohttp.ClientSession, url: str, body: bytes, webhook_id: str, failures: list[str]
+) -> bool:
+    """One POST with the headers a worker's delivery carries, as the plain aiohttp baselines send
+    it; True on a 200, else the failure is noted in `failures` (the first five)."""
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(int(time.time())),
+    }
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            if response.status == 200:
+                return True
+            if len(failures) < 5:
+                failures.append(f"HTTP {response.status}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if len(failures) < 5:
+            failures.append(f"{type(exc).__name__}: {exc}")
+    return False
+
+
 def gateway_arguments(p: argparse.ArgumentParser, *, grace: bool = False) -> None:
     """The options of every benchmark that runs the gateway: the webhook's size, the gateway's log
     level and, for those that wait for deliveries after sending, how long without progress."""

@@ -67,6 +67,7 @@ from benchmarks._common import (
     logged_warnings,
     per_event_text,
     post_exactly,
+    post_like_a_worker,
     print_table,
     run_main,
     settled_memory,
@@ -130,21 +131,7 @@ async def _request_loop(url: str, body: bytes, count: int, concurrency: int) -> 
             nonlocal remaining, ok
             while remaining > 0:
                 remaining -= 1
-                headers = {
-                    "content-type": "application/json",
-                    "webhook-id": f"baseline-{remaining}",
-                    "webhook-timestamp": str(int(time.time())),
-                }
-                try:
-                    async with session.post(url, data=body, headers=headers) as response:
-                        await response.read()
-                        if response.status == 200:
-                            ok += 1
-                        elif len(failures) < 5:
-                            failures.append(f"HTTP {response.status}")
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    if len(failures) < 5:
-                        failures.append(f"{type(exc).__name__}: {exc}")
+                ok += await post_like_a_worker(session, url, body, f"baseline-{remaining}", failures)
 
         started = time.perf_counter()
         await asyncio.gather(*(task() for _ in range(concurrency)))

@@ -84,6 +84,7 @@ from benchmarks._common import (
     harness,
     logged_warnings,
     post_exactly,
+    post_like_a_worker,
     print_table,
     run_main,
     run_queue_seconds,
@@ -219,21 +220,7 @@ async def _serial_posts(url: str, body: bytes, count: int) -> tuple[int, list[st
     failures: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for k in range(count):
-            headers = {
-                "content-type": "application/json",
-                "webhook-id": f"baseline-{k}",
-                "webhook-timestamp": str(int(time.time())),
-            }
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    if response.status == 200:
-                        ok += 1
-                    elif len(failures) < 5:
-                        failures.append(f"HTTP {response.status}")
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if len(failures) < 5:
-                    failures.append(f"{type(exc).__name__}: {exc}")
+            ok += await post_like_a_worker(session, url, body, f"baseline-{k}", failures)
     return ok, failures
 
 

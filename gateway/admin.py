@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hmac
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -213,15 +213,16 @@ class Admin:
         return answer(job, 202)
 
     async def get_replay(self, request: Request) -> Response:
-        self._authorize(request)
-        job = await self._replays.get(request.path_params["id"])
-        if job is None:
-            raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
-        return answer(job)
+        return await self._replay_job(request, self._replays.get)
 
     async def cancel_replay(self, request: Request) -> Response:
+        return await self._replay_job(request, self._replays.cancel)
+
+    async def _replay_job(
+        self, request: Request, act: Callable[[str], Awaitable[shapes.ReplayJob | None]]
+    ) -> Response:
         self._authorize(request)
-        job = await self._replays.cancel(request.path_params["id"])
+        job = await act(request.path_params["id"])
         if job is None:
             raise NotFound(f"no bulk replay has the id {request.path_params['id']!r}")
         return answer(job)

@@ -119,11 +119,7 @@ def integrations(url: str, token: str | None, as_json: bool) -> None:
 @client.api_options
 def pause(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Pause an integration: nothing is sent to it, new events are held (no automatic probes)."""
-    client.output(
-        client.call("POST", f"/admin/integrations/{quote(name)}/pause", url, token),
-        as_json,
-        shapes.Integration,
-    )
+    _integration_action(name, "pause", url, token, as_json)
 
 
 @main.command()
@@ -131,11 +127,12 @@ def pause(name: str, url: str, token: str | None, as_json: bool) -> None:
 @client.api_options
 def resume(name: str, url: str, token: str | None, as_json: bool) -> None:
     """Resume an integration: its held events are delivered in arrival order, at a bounded rate."""
-    client.output(
-        client.call("POST", f"/admin/integrations/{quote(name)}/resume", url, token),
-        as_json,
-        shapes.Integration,
-    )
+    _integration_action(name, "resume", url, token, as_json)
+
+
+def _integration_action(name: str, action: str, url: str, token: str | None, as_json: bool) -> None:
+    path = f"/admin/integrations/{quote(name)}/{action}"
+    client.output(client.call("POST", path, url, token), as_json, shapes.Integration)
 
 
 @main.command()

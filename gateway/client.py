@@ -18,6 +18,7 @@ import orjson
 import pydantic
 
 from gateway import shapes
+from gateway.events import AttemptRecord
 from gateway.settings import DEFAULT_URL
 
 
@@ -121,14 +122,14 @@ EVENT_COLUMNS: dict[str, Callable[[shapes.EventSummary], str]] = {
     "RECEIVED": lambda e: _when(e.received_ms),
     "UPDATED": lambda e: _when(e.updated_ms),
 }
-ATTEMPT_COLUMNS: dict[str, Callable[[shapes.Attempt], str]] = {
-    "#": lambda a: str(a.n),
-    "AT": lambda a: _when(a.at_ms),
-    "STATUS": lambda a: str(a.status or "-"),
-    "ERROR": lambda a: a.error or "-",
-    "LATENCY MS": lambda a: f"{a.latency_ms:.1f}",
-    "OUTCOME": lambda a: a.outcome,
-    "ANSWERED": lambda a: a.answered or "-",
+ATTEMPT_COLUMNS: dict[str, Callable[[AttemptRecord], str]] = {
+    "#": lambda a: str(a["n"]),
+    "AT": lambda a: _when(a["at_ms"]),
+    "STATUS": lambda a: str(a["status"] or "-"),
+    "ERROR": lambda a: a["error"] or "-",
+    "LATENCY MS": lambda a: f"{a['latency_ms']:.1f}",
+    "OUTCOME": lambda a: a["outcome"],
+    "ANSWERED": lambda a: a.get("answered") or "-",
 }
 
 

@@ -6,9 +6,11 @@ import random
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NotRequired, TypedDict
+from typing import Literal, NotRequired
 
 import orjson
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic reads it on Python 3.11 (the admin API's Event)
 
 
 class EventState(StrEnum):
@@ -59,8 +61,12 @@ class StoredRequest:
         return cls(meta["m"], meta["u"], [(k, v) for k, v in meta["h"]], body)
 
 
+Answered = Literal["fresh", "hit", "stale", "error", "queued"]
+
+
+@with_config(ConfigDict(extra="forbid"))
 class AttemptRecord(TypedDict):
-    """One delivery attempt, as kept in the event's attempt log."""
+    """One delivery attempt, as kept in the event's attempt log and shown by the admin API."""
 
     n: int
     at_ms: int
@@ -71,4 +77,4 @@ class AttemptRecord(TypedDict):
     outcome: str
     body: str
     retry_in_s: NotRequired[float]
-    answered: NotRequired[str]  # proxy mode: fresh, hit, stale, error or queued
+    answered: NotRequired[Answered]  # proxy mode: how the helpdesk was answered

@@ -54,7 +54,7 @@ from gateway.errors import (
     StoreUnavailable,
     error_json,
 )
-from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
+from gateway.events import Answered, AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
 from gateway.settings import Config, Integration
 from gateway.store import NOT_COUNTED, Batcher, Finished, Proxied, Store, health_of
 
@@ -549,7 +549,7 @@ class Proxy:
         self,
         r: _Request,
         called: Called,
-        answered: str,
+        answered: Answered,
         cache: str,
         state: EventState | None = None,
         *,

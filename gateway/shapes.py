@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from gateway.errors import InvalidParameter
-from gateway.events import EventState
+from gateway.events import AttemptRecord, EventState
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -149,23 +149,6 @@ class EventPage(Shape):
     next_cursor: str | None = Field(description="pass as ?cursor= to get the next page")
 
 
-class Attempt(Shape):
-    """One delivery attempt, as the event's attempt log keeps it (`gateway.events.AttemptRecord`)."""
-
-    n: Count
-    at_ms: Ms
-    latency_ms: float
-    status: int | None
-    error: str | None
-    detail: str
-    outcome: str
-    body: str
-    retry_in_s: float | None = omitted("the wait before the next attempt, when there is one")
-    answered: Literal["fresh", "hit", "stale", "error", "queued"] | None = omitted(
-        "proxy mode: how the helpdesk was answered"
-    )
-
-
 class StoredRequest(Shape):
     """The request as received; credential headers show as [redacted]."""
 
@@ -177,7 +160,7 @@ class StoredRequest(Shape):
 
 
 class Event(EventSummary):
-    attempts: list[Attempt]
+    attempts: list[AttemptRecord]
     request: StoredRequest | None = omitted("the request, until retention removes it")
 
 
