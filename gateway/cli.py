@@ -107,6 +107,20 @@ def dev(host: str, port: int, echo_port: int) -> None:
     sys.exit(run_dev(host, port, echo_port))
 
 
+@main.command("demo-endpoint")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+def demo_endpoint(host: str, port: int) -> None:
+    """Serve only the demo echo endpoint (`gateway dev` runs it too): it logs what it is sent and
+    answers 200 with JSON. For a demo in containers (docker-compose.yml)."""
+    import uvicorn
+
+    from gateway.dev import echo_app
+
+    _logging("console")
+    uvicorn.run(echo_app(), host=host, port=port, access_log=False, log_level="warning")
+
+
 @main.command()
 @client.api_options
 def integrations(url: str, token: str | None, as_json: bool) -> None:
