@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from urllib.parse import quote, urlencode
@@ -70,7 +71,7 @@ def serve(host: str, port: int) -> None:
         http="httptools",
         access_log=False,
         log_level="warning",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.config.gateway.shutdown_grace_s)),
     )
 
 

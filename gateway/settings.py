@@ -183,6 +183,8 @@ class GatewaySection(_Model):
     allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     idempotency_ttl_s: Annotated[int, Field(ge=1)] = 86400
     store_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    # On SIGTERM the API stops accepting connections and gives its open requests this long to end.
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     @field_validator("allowed_networks", mode="before")
     @classmethod
@@ -203,6 +205,9 @@ class WorkerSection(_Model):
     poll_delay_s: Annotated[float, Field(gt=0, le=5)] = 0.02
     lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     reconcile_interval_s: Annotated[float, Field(gt=0, le=600)] = 1.0
+    # On SIGTERM a worker takes no more attempts and gives those it is sending this long to end;
+    # it then hands back the rest (each is recorded as worker_stopped and retried at once).
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 15.0
 
 
 class RetentionSection(_Model):

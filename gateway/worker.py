@@ -344,6 +344,7 @@ class Pump:
         self._store = store
         self._deliverer = deliverer
         self._capacity = config.worker.concurrency
+        self._grace_s = config.worker.shutdown_grace_s
         self._floor = max(1, self._capacity // 4)
         self._poll_s = config.worker.poll_delay_s
         integrations = [*config.integrations, *config.alert_sinks]
@@ -414,9 +415,14 @@ class Pump:
             )
 
     async def stop(self) -> None:
-        """Hands back the attempts being sent (each records itself as stopped), and waits for every
-        record, those of attempts that ended included."""
+        """Takes nothing more; lets the attempts being sent end within the shutdown grace, hands
+        back the rest (each records itself as stopped), and waits for every record."""
         self._bell.close()
+        if self._sending and self._grace_s > 0:
+            log.info("stopping: %d attempts in flight get %g s to end", len(self._sending), self._grace_s)
+            await asyncio.wait(set(self._sending), timeout=self._grace_s)
+        if self._sending:
+            log.info("stopping: handing back %d attempts still in flight", len(self._sending))
         for task in self._sending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

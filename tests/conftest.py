@@ -185,6 +185,10 @@ class Gateway:
         head += (
             "[worker]\npoll_delay_s = 0.01\nlease_margin_s = 1\nreconcile_interval_s = 0.2\n" + worker + "\n"
         )
+        if "shutdown_grace_s" not in worker:
+            # A stopping worker hands back at once, unless a test is about the grace: a test's
+            # hanging upstream would otherwise hold every stop for the default 15 s.
+            head += "shutdown_grace_s = 0\n"
         self.config_path.write_text(head + "\n".join(integrations))
         return self
 

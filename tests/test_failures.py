@@ -60,8 +60,11 @@ def test_worker_stopped_by_sigterm_hands_its_attempt_back(
 ) -> None:
     hold = threading.Event()
     upstream.script([Reply(hold=hold), Reply(200)])
-    # A lease far longer than the test: only the hand-back can bring the event back in time.
-    gateway.configure(integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY))
+    # A lease far longer than the test: only the hand-back can bring the event back in time. The
+    # grace ends long before the endpoint answers.
+    gateway.configure(
+        integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY), worker="shutdown_grace_s = 0.3"
+    )
     first = gateway.start_worker()
     gateway.start_api()
     try:
@@ -72,10 +75,38 @@ def test_worker_stopped_by_sigterm_hands_its_attempt_back(
         record = event_record(rdb, event_id)
         assert record["s"] == "retrying"
         assert [(a["error"], a["outcome"]) for a in record["attempts"]] == [("worker_stopped", "retrying")]
+        assert "handing back 1 attempts still in flight" in gateway.log("worker0.log")
         gateway.start_worker()
         got = upstream.wait_for(2, timeout=15)
         assert [r.webhook_id for r in got] == [event_id, event_id]
         assert attempts_of(rdb, event_id, "delivered")[-1] == (2, 200, None, "delivered")
+    finally:
+        hold.set()
+
+
+def test_worker_stopped_by_sigterm_lets_attempts_end_within_the_grace_and_takes_no_more(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    hold = threading.Event()
+    upstream.script([Reply(hold=hold), Reply(200)])
+    gateway.configure(
+        integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY), worker="shutdown_grace_s = 30"
+    )
+    worker = gateway.start_worker()
+    gateway.start_api()
+    try:
+        first = gateway.post("/hooks/crm").json()["id"]
+        upstream.wait_for(1)
+        worker.send_signal(signal.SIGTERM)
+        wait_until(lambda: "get 30 s to end" in gateway.log("worker0.log"))
+        second = gateway.post("/hooks/crm").json()["id"]  # accepted, and left for another worker
+        time.sleep(0.3)
+        assert worker.poll() is None, "the worker left before its attempt ended"
+        hold.set()
+        assert worker.wait(timeout=15) == 0
+        assert attempts_of(rdb, first, "delivered") == [(1, 200, None, "delivered")]
+        assert event_record(rdb, second)["s"] == "pending" and upstream.count() == 1
+        assert "handing back" not in gateway.log("worker0.log")
     finally:
         hold.set()
 

@@ -6,13 +6,16 @@ webhook-id; a paused integration is not called at all; every proxied request is 
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import pytest
 import redis
 
 from tests.conftest import Gateway, RedisServer, event_record, integration_toml, wait_until
@@ -383,3 +386,25 @@ def test_reads_are_answered_while_redis_is_down_and_writes_are_refused(
     finally:
         gw.stop()
         server.stop()
+
+
+def test_a_stopping_api_answers_its_open_requests_and_logs_them(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.script([Reply(200, body=b'{"slow":true}', delay_s=1.0)])
+    gateway.extra_env["GATEWAY_ADMIN_TOKEN"] = TOKEN
+    gateway.configure(proxy_toml("crm", upstream.url), gateway="shutdown_grace_s = 20").start_api()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(get, gateway, "/hooks/crm/customers")
+        upstream.wait_for(1)
+        assert gateway.api is not None
+        gateway.api.send_signal(signal.SIGTERM)
+        answer = pending.result(timeout=15)
+    assert (answer.status_code, answer.json()) == (200, {"slow": True})
+    # uvicorn ends by re-raising the signal it handled, so a process manager sees a SIGTERM exit.
+    assert gateway.api.wait(timeout=15) in (0, -signal.SIGTERM)
+    assert "Traceback" not in gateway.log("api.log")
+    # The request's log item was written before the process ended.
+    assert event_record(rdb, answer.headers["x-gateway-event-id"])["s"] == "delivered"
+    with pytest.raises(httpx.ConnectError):
+        get(gateway, "/healthz")
