@@ -88,6 +88,8 @@ def create_app(settings: Settings) -> GatewayApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log.info("API ready with %d integrations", len(config.integrations))
+        for warning in await store.durability():
+            log.warning("%s", warning)
         flusher = asyncio.create_task(refusals.flush_forever())
         await proxy.start()
         try:

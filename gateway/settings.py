@@ -350,8 +350,14 @@ class Settings:
         env = os.environ if env is None else env
         path = config_path or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
         redis_url = env.get("REDIS_URL") or DEFAULT_REDIS_URL
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL", "", "must start with redis://, rediss:// or unix://")
+        if not redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ConfigError(
+                "REDIS_URL", "", "must start with redis://, rediss://, unix:// or redis+sentinel://"
+            )
+        if redis_url.startswith("redis+sentinel://"):
+            from gateway.redis_url import parse_sentinel
+
+            parse_sentinel(redis_url)  # a malformed one is refused here, before anything starts
         prefix = env.get("GATEWAY_KEY_PREFIX") or "gw"
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", prefix):
             raise ConfigError("GATEWAY_KEY_PREFIX", "", "use 1-32 letters, digits, '_', '.' or '-'")

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
-from gateway import keys
+from gateway import keys, redis_url
 from gateway.delivery import NOT_SENT, Result
 from gateway.errors import StoreUnavailable
 from gateway.events import AttemptRecord, EventState, now_ms
@@ -35,7 +35,7 @@ HEARTBEAT_TTL_MS = 10_000  # a worker silent for longer is not counted as live
 
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> Redis:
     """One pool per process; short socket timeouts so an unreachable Redis fails fast."""
-    client: Redis = Redis.from_url(
+    client: Redis = redis_url.client(
         url,
         socket_connect_timeout=min(timeout_s, 1.0),
         socket_timeout=timeout_s,
@@ -272,6 +272,40 @@ class Store:
         self._attention = Script(redis, keys.ATTENTION, self.keys)
         self._proxy_view = Script(redis, keys.PROXY_VIEW, self.keys)
         self._copies = Script(redis, keys.COPIES, self.keys)
+
+    async def durability(self) -> list[str]:
+        """What about this Redis could lose accepted events: an evicting maxmemory-policy, or no
+        append-only file. Empty when all is well or when Redis does not say (a lost connection, a
+        managed Redis that refuses CONFIG)."""
+        try:
+            memory = await self.redis.info("memory")
+            persistence = await self.redis.info("persistence")
+        except (RedisError, OSError):
+            return []
+        found = []
+        policy = memory.get("maxmemory_policy")
+        if policy and policy != "noeviction":
+            found.append(
+                f"Redis has maxmemory-policy {policy}: when its memory is full it deletes keys, accepted"
+                " events among them; set maxmemory-policy noeviction (then a full Redis refuses"
+                " new events with 503 instead)"
+            )
+        if not persistence.get("aof_enabled"):
+            try:
+                save = (await self.redis.config_get("save")).get("save")
+            except (RedisError, OSError):
+                save = None
+            if save == "":
+                found.append(
+                    "Redis keeps nothing on disk (no append-only file, no snapshots): a restart loses"
+                    " every event; set appendonly yes (appendfsync everysec or always)"
+                )
+            else:
+                found.append(
+                    "Redis has no append-only file: a crash loses the events accepted since its last"
+                    " snapshot; set appendonly yes (appendfsync everysec or always)"
+                )
+        return found
 
     async def accept(self, events: Sequence[NewEvent], idempotency_ttl_s: int) -> list[tuple[str, bool]]:
         """Persist events, due now; returns (id, is_repeat) for each."""

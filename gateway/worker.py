@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway import redis_url
 from gateway.alerts import Alerts
 from gateway.delivery import (
     AddressPolicy,
@@ -489,7 +490,7 @@ async def _beat(store: Store, worker_id: str) -> None:
 
 def arq_redis_settings(url: str) -> RedisSettings:
     """Reconnect and retry on a lost connection instead of letting a Redis blip end the worker."""
-    settings = RedisSettings.from_dsn(url)
+    settings = redis_url.arq_settings(url)
     settings.conn_timeout = 1
     settings.conn_retries = 3
     settings.conn_retry_delay = 1
@@ -570,6 +571,8 @@ async def _run_once(settings: Settings, *, stopping: asyncio.Event) -> None:
         handle_signals=True,
     )
     worker.on_stop = lambda _: stopping.set()
+    for warning in await store.durability():
+        log.warning("%s", warning)
     if moved := await store.migrate_due():
         log.info("moved %d scheduled attempts to the per-integration schedules", moved)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
