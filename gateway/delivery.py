@@ -14,6 +14,7 @@ import ipaddress
 import random
 import socket
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -119,10 +120,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def upstream_headers(
-    kept: list[tuple[str, str]], integration: Integration, event_id: str, body: bytes
+    kept: list[tuple[str, str]],
+    integration: Integration,
+    event_id: str,
+    body: bytes,
+    *,
+    accept_encoding: str | None = None,
 ) -> list[tuple[str, str]]:
-    """The helpdesk's headers, the configured ones over them, then the Standard Webhooks ones."""
+    """The helpdesk's headers, the configured ones over them, then the Standard Webhooks ones.
+    `accept_encoding` replaces the helpdesk's Accept-Encoding (a worker asks only for what it can
+    read; the proxy passes the helpdesk's on, with the answer's encoding untouched)."""
     configured = {name.lower(): value.get_secret_value() for name, value in integration.headers.items()}
+    if accept_encoding is not None and "accept-encoding" not in configured:
+        configured["accept-encoding"] = accept_encoding
     headers = [(k, v) for k, v in kept if k.lower() not in configured]
     headers += [(name, value) for name, value in configured.items()]
     timestamp = int(time.time())
@@ -219,7 +229,9 @@ class Sender:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            auto_decompress=True,
+            # The verdict is the status line's: the body is read raw (2 KiB at most, for the
+            # attempt log), so an encoding aiohttp cannot decode never turns a 2xx into an error.
+            auto_decompress=False,
             skip_auto_headers=("Content-Type",),
         )
 
@@ -242,8 +254,9 @@ class Sender:
                 async with self._session.request(
                     method, target, headers=headers, data=body or None, allow_redirects=False
                 ) as response:
-                    snippet = await response.content.read(SNIPPET_BYTES)
+                    raw = await response.content.read(SNIPPET_BYTES)
                     status = response.status
+                    snippet = readable_snippet(raw, response.headers.get("Content-Encoding", ""))
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, OSError, TimeoutError, BlockedTarget, ValueError) as exc:
             kind, detail = map_client_error(exc)
@@ -253,6 +266,23 @@ class Sender:
         return Result(
             status, None if 200 <= status < 300 else ErrorKind.HTTP, detail, latency, snippet, retry_after
         )
+
+
+ACCEPT_ENCODING = "gzip, deflate"  # what readable_snippet decodes
+
+
+def readable_snippet(raw: bytes, encoding: str) -> bytes:
+    """The start of an answer's body for the attempt log: as sent, or decoded when it is gzip or
+    deflate (as much as the first bytes give), or a note when it cannot be read."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        try:  # wbits 47: a gzip or zlib header, detected; a cut-off stream gives what it has
+            return zlib.decompressobj(47).decompress(raw, SNIPPET_BYTES)
+        except zlib.error:
+            pass
+    return f"[{len(raw)} bytes of a {encoding or 'unknown'}-encoded body, not shown]".encode()
 
 
 def _ms_since(started: float) -> float:

@@ -9,6 +9,7 @@ with the same JSON bodies as the rest of the API (`gateway.errors.error_json`).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Callable
@@ -54,7 +55,7 @@ DROPPED_HEADERS = frozenset(
 log = logging.getLogger("gateway.ingress")
 PREFIX = b"/hooks/"
 TOKEN_PARAM = "token"
-MAX_IDEMPOTENCY_KEY = 200
+MAX_IDEMPOTENCY_KEY = 200  # longer keys are kept as their SHA-256: compared whole, stored short
 # With a content-length, uvicorn sends the body as it is; without, chunked (more bytes to write and
 # for the helpdesk to parse).
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -138,9 +139,7 @@ class Ingress:
     async def _accept(
         self, integration: Integration, request: StoredRequest, idempotency_key: str
     ) -> tuple[str, bool]:
-        event = NewEvent(
-            new_event_id(), integration.name, idempotency_key[:MAX_IDEMPOTENCY_KEY], request.pack()
-        )
+        event = NewEvent(new_event_id(), integration.name, _idempotency_key(idempotency_key), request.pack())
         try:
             return await self._batcher.submit(event)
         except StoreUnavailable as exc:
@@ -189,3 +188,11 @@ async def _answer(
     headers = [*headers, (b"content-length", str(len(body) if length is None else length).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _idempotency_key(key: str) -> str:
+    """The key as stored: itself, or when longer than MAX_IDEMPOTENCY_KEY its SHA-256 (two long
+    keys that differ anywhere are two events; cutting them short made them one)."""
+    if len(key) <= MAX_IDEMPOTENCY_KEY:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("latin-1")).hexdigest()

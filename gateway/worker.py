@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway import redis_url
 from gateway.alerts import Alerts
 from gateway.delivery import (
+    ACCEPT_ENCODING,
     AddressPolicy,
     ErrorKind,
     Result,
@@ -153,7 +154,9 @@ class Deliverer:
             policy = RetryPolicy()
         else:
             request = StoredRequest.unpack(blob)
-            headers = upstream_headers(request.headers, integration, event_id, request.body)
+            headers = upstream_headers(
+                request.headers, integration, event_id, request.body, accept_encoding=ACCEPT_ENCODING
+            )
             result = await self._sender.send(
                 request.method, request.url, headers, request.body, integration.timeout_s
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import random
 import time
 from email.utils import formatdate
@@ -12,7 +13,7 @@ import redis
 from gateway.delivery import ErrorKind, Result, Verdict, backoff_s, decide, parse_retry_after
 from gateway.settings import RetryPolicy
 from gateway.signing import decode_secret, sign
-from tests.conftest import Gateway, event_record, free_port, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, event_record, free_port, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 FAST_RETRY = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "max_attempts": 5}
@@ -145,3 +146,31 @@ def test_signed_delivery_verifies(gateway: Gateway, upstream: Upstream) -> None:
     expected = sign([decode_secret(secret), decode_secret(old)], event_id, timestamp, b'{"ticket":1}')
     assert got.headers["webhook-signature"] == expected
     assert len(expected.split(" ")) == 2
+
+
+def test_a_2xx_is_delivered_whatever_the_encoding_of_its_body(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    json_gz = gzip.compress(b'{"ok":"compressed"}')
+    upstream.script(
+        [
+            Reply(200, headers={"content-encoding": "br"}, body=b"\x8b\x02\x80not really brotli"),
+            Reply(200, headers={"content-encoding": "gzip"}, body=b"\x1f\x8b broken gzip"),
+            Reply(200, headers={"content-encoding": "zstd"}, body=b"(\xb5/\xfd zstd-ish"),
+            Reply(200, headers={"content-encoding": "gzip"}, body=json_gz),
+        ]
+    )
+    gateway.configure(integration_toml("crm", upstream.url, retry=FAST_RETRY)).start()
+    # The helpdesk asks for encodings the worker could not decode; the endpoint is not told so.
+    helpdesk = {"accept-encoding": "br, zstd"}
+    ids = [gateway.post("/hooks/crm", b"{}", headers=helpdesk).json()["id"] for _ in range(4)]
+    wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 4)
+    assert upstream.count() == 4, "each event was sent once"
+    assert {r.headers["accept-encoding"] for r in upstream.received} == {"gzip, deflate"}
+    records = [event_record(rdb, i) for i in ids]
+    assert [len(r["attempts"]) for r in records] == [1, 1, 1, 1]
+    bodies = sorted(r["attempts"][0]["body"] for r in records)
+    assert '{"ok":"compressed"}' in bodies
+    assert any(b.startswith("[") and "br-encoded body, not shown" in b for b in bodies)
+    assert any("zstd-encoded body, not shown" in b for b in bodies)
+    assert any("gzip-encoded body, not shown" in b for b in bodies)

@@ -29,6 +29,16 @@ def test_idempotency_key_returns_first_id_and_delivers_once(
     wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 2)
     assert sorted(upstream.ids()) == sorted([first.json()["id"], other.json()["id"]])
 
+    # Long keys are compared whole: two that share their first 200 characters are two events.
+    common = "ticket-9:" + "x" * 250
+    long_a = gateway.post("/hooks/crm", b"{}", headers={"Idempotency-Key": common + "-created"})
+    long_b = gateway.post("/hooks/crm", b"{}", headers={"Idempotency-Key": common + "-updated"})
+    long_a_again = gateway.post("/hooks/crm", b"{}", headers={"Idempotency-Key": common + "-created"})
+    assert long_a.json()["id"] != long_b.json()["id"] == long_b.json()["id"]
+    assert long_a_again.json()["id"] == long_a.json()["id"]
+    assert "idempotent-replayed" not in long_b.headers
+    wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 4)
+
 
 def test_webhook_id_from_helpdesk_deduplicates_within_one_batch(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
