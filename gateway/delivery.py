@@ -143,6 +143,25 @@ def upstream_headers(
     return headers
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: where the IPv4 sits varies; refused
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d (:: and ::1 excepted)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address carries and reaches: IPv4-mapped, IPv4-compatible,
+    NAT64 (64:ff9b::/96), 6to4 (2002::/16), Teredo (its server and its client); None for others."""
+    if ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo
+    if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+    return None
+
+
 class AddressPolicy:
     """The SSRF guard: only public addresses, plus the networks the config allows."""
 
@@ -155,8 +174,19 @@ class AddressPolicy:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return False
+        return self._allows(ip)
+
+    def _allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if any(ip in net for net in self._allowed):
             return True
+        if isinstance(ip, ipaddress.IPv6Address):
+            embedded = embedded_ipv4(ip)
+            if embedded is not None:
+                # The IPv4 address inside decides: 64:ff9b::7f00:1 is loopback by another name
+                # (Python calls the NAT64, 6to4 and IPv4-compatible forms global).
+                return all(self._allows(v4) for v4 in embedded)
+            if ip in LOCAL_NAT64:
+                return False
         return ip.is_global
 
     def check_literal(self, host: str) -> None:
