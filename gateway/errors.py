@@ -6,6 +6,7 @@ GatewayError
  ├── BlockedTarget          the SSRF guard refused a target's address; the attempt is dead
  └── HTTPError              turned into a JSON error answer (see `gateway.app`)
       ├── InternalError     500, a bug: logged with its traceback, never shown to the client
+      ├── BadRequest        400, e.g. a path after /hooks/{name} with dot segments
       ├── InvalidParameter  422, a query parameter the admin API cannot use
       ├── Conflict          409, e.g. replaying an event that is not delivered or dead
       ├── NotFound          404, e.g. an unknown integration
@@ -67,6 +68,11 @@ class HTTPError(GatewayError):
 class InternalError(HTTPError):
     status_code = 500
     code = "internal_error"
+
+
+class BadRequest(HTTPError):
+    status_code = 400
+    code = "bad_request"
 
 
 class InvalidParameter(HTTPError):

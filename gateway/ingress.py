@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import (
+    BadRequest,
     HTTPError,
     InternalError,
     NotFound,
@@ -133,7 +135,9 @@ class Ingress:
             raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
         body = await self._read_body(receive)
 
-        url = integration.upstream_url(rest_b.decode("latin-1"), query)
+        rest = rest_b.decode("latin-1")
+        _refuse_dot_segments(rest)
+        url = integration.upstream_url(rest, query)
         return integration, StoredRequest(scope["method"], url, kept, body), idempotency_key or ""
 
     async def _accept(
@@ -164,6 +168,18 @@ class Ingress:
                 raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _refuse_dot_segments(rest: str) -> None:
+    """The path after /hooks/{name} may not climb: a `.` or `..` segment, written plainly or
+    percent-encoded (%2e, %2f), would be resolved by the URL library or the endpoint and reach
+    another path of the target's host with the integration's credentials. A helpdesk templates
+    customer data into this path, so it is refused, not resolved."""
+    if "." not in rest and "%" not in rest:
+        return  # the usual path: nothing to decode
+    for segment in re.split(r"[/\\]", unquote(rest)):
+        if segment in (".", ".."):
+            raise BadRequest("the path after /hooks/{name} may not contain . or .. segments")
 
 
 def _check_token(integration: Integration, given: str | None, query: str) -> str:

@@ -166,11 +166,19 @@ class Integration(_Model):
         return headers
 
     def upstream_url(self, rest: str, query: str) -> str:
-        """`target` + `/{rest}` + `?{query}`, as the contract promises."""
-        url = str(self.target)
-        if rest:
-            url = url.rstrip("/") + "/" + rest
+        """`target` + `/{rest}` + `?{query}`, as the contract promises; a query in the target comes
+        first, then the request's (`target?key=1` and `?email=a` give `?key=1&email=a`)."""
+        base, _, fixed = str(self.target).partition("?")
+        url = base.rstrip("/") + "/" + rest if rest else base
+        query = f"{fixed}&{query}" if fixed and query else fixed or query
         return f"{url}?{query}" if query else url
+
+    @field_validator("target")
+    @classmethod
+    def _no_fragment(cls, target: AnyHttpUrl) -> AnyHttpUrl:
+        if target.fragment is not None:
+            raise ValueError("a target cannot have a fragment (#...): it is never sent to the endpoint")
+        return target
 
 
 class Alert(_Model):

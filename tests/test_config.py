@@ -34,6 +34,11 @@ def run_gateway(
     [
         (GOOD.replace('"crm"', '"crm crm"'), "integrations[0].name", "should match pattern"),
         (GOOD.replace("https://crm.example.com/api", "ftp://x"), "integrations[0].target", "URL scheme"),
+        (
+            GOOD.replace("https://crm.example.com/api", "https://crm.example.com/api#top"),
+            "integrations[0].target",
+            "cannot have a fragment",
+        ),
         (GOOD + "timeout_s = -1\n", "integrations[0].timeout_s", "greater than 0"),
         (GOOD + 'mode = "tunnel"\n', "integrations[0].mode", "Input should be 'relay' or 'proxy'"),
         (GOOD + "[integrations.proxy]\nfresh_ttl_s = 5\n", "integrations[0]", 'mode is not "proxy"'),
@@ -118,6 +123,21 @@ def test_env_expansion(tmp_path: Path) -> None:
     assert crm.inbound_token.get_secret_value() == "abc"
     assert crm.headers["Authorization"].get_secret_value() == "Bearer k-1"
     assert "k-1" not in repr(config)
+
+
+def test_a_query_in_the_target_comes_first_then_the_requests(tmp_path: Path) -> None:
+    path = tmp_path / "q.toml"
+    path.write_text(GOOD.replace("https://crm.example.com/api", "https://crm.example.com/api?key=1&v=2"))
+    crm = load_config(path, env={}).integration("crm")
+    assert crm is not None
+    assert crm.upstream_url("", "") == "https://crm.example.com/api?key=1&v=2"
+    assert (
+        crm.upstream_url("t/1", "email=a%2Bb%40x.com")
+        == "https://crm.example.com/api/t/1?key=1&v=2&email=a%2Bb%40x.com"
+    )
+    (tmp_path / "p.toml").write_text(GOOD)
+    crm = load_config(tmp_path / "p.toml", env={}).integration("crm")
+    assert crm is not None and crm.upstream_url("t/1", "x=1") == "https://crm.example.com/api/t/1?x=1"
 
 
 def test_shipped_example_config_is_valid() -> None:

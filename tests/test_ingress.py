@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import redis
 
+from gateway.events import StoredRequest
 from tests.conftest import KEYS, Gateway, integration_toml, stored_keys, wait_until
 from tests.upstream import Upstream
 
@@ -125,3 +128,44 @@ def test_health_endpoints(gateway: Gateway, upstream: Upstream) -> None:
     missing = httpx.get(gateway.url + "/nothing-here")
     assert missing.status_code == 404
     assert missing.json()["error"] == "not_found"
+
+
+def _raw(gateway: Gateway, target: str) -> tuple[int, bytes]:
+    """POSTs with the request target exactly as given (HTTP clients resolve dot segments first)."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        request = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        sock.sendall(request.encode() + b"{}")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_dot_segments_after_the_name_are_refused_and_the_stored_url_is_the_sent_one(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url + "/api/v1")).start()
+    for target in (
+        "/hooks/crm/../../admin",
+        "/hooks/crm/%2e%2e/%2e%2e/admin",
+        "/hooks/crm/.%2e/admin",
+        "/hooks/crm/%2E%2E%2Fadmin",
+        "/hooks/crm/a/..%2f..%2f..%2fadmin",
+        "/hooks/crm/a/..%5cadmin",
+        "/hooks/crm/./x",
+        "/hooks/crm/x/..",
+    ):
+        status, body = _raw(gateway, target)
+        assert status == 400, target
+        assert orjson.loads(body)["error"] == "bad_request", target
+    assert stored_keys(rdb) == set(), "a refused request stored nothing"
+
+    status, body = _raw(gateway, "/hooks/crm/a..b/c.d/.well-known?q=%2E%2E")
+    assert status == 202
+    event_id = orjson.loads(body)["id"]
+    (got,) = upstream.wait_for(1)
+    assert got.path_qs == "/api/v1/a..b/c.d/.well-known?q=%2E%2E"
+    wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 1)
+    blob = rdb.get(KEYS.request(event_id))
+    assert isinstance(blob, bytes) and StoredRequest.unpack(blob).url == upstream.url + got.path_qs
