@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from gateway import shapes
 from gateway.alerts import AlertKind, Alerts
-from gateway.errors import Conflict, InvalidParameter, NotFound, Unauthorized
+from gateway.errors import Conflict, InvalidParameter, NotFound, PayloadTooLarge, Unauthorized
 from gateway.events import EventState, StoredRequest, now_ms
 from gateway.replays import ReplayJobs
 from gateway.settings import Integration, Settings
@@ -260,8 +260,15 @@ def _cursor(value: str | None) -> tuple[float, str] | None:
     return parsed, event_id
 
 
+MAX_ADMIN_BODY = 64 * 1024  # an admin body is a small filter; a larger one is refused unread
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_ADMIN_BODY:
+            raise PayloadTooLarge(f"an admin request body is at most {MAX_ADMIN_BODY} bytes")
     if not raw.strip():
         return {}
     try:

@@ -11,7 +11,9 @@ GatewayError
       ├── Conflict          409, e.g. replaying an event that is not delivered or dead
       ├── NotFound          404, e.g. an unknown integration
       ├── Unauthorized      401, a missing or wrong inbound token
+      ├── MethodNotAllowed  405, CONNECT and TRACE at /hooks
       ├── PayloadTooLarge   413, a body over `max_body_bytes`
+      ├── ClientClosed      499 (never sent), the helpdesk hung up before its request was whole
       ├── ServiceUnavailable 503, Redis unreachable
       │    └── IntegrationPaused 503, proxy mode: paused, and no copy to answer with
       ├── BadGateway        502, proxy mode: the upstream failed and no copy could answer
@@ -64,6 +66,11 @@ class HTTPError(GatewayError):
     def body(self) -> bytes:
         return error_json(self.code, self.detail)
 
+    @property
+    def reason(self) -> str:
+        """The `reason` label of gateway_inbound_refused_total: the status, unless said otherwise."""
+        return str(self.status_code)
+
 
 class InternalError(HTTPError):
     status_code = 500
@@ -93,6 +100,22 @@ class NotFound(HTTPError):
 class Unauthorized(HTTPError):
     status_code = 401
     code = "unauthorized"
+
+
+class MethodNotAllowed(HTTPError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class ClientClosed(HTTPError):
+    """The client hung up: counted apart from a Redis outage (both were 503), answered to no one."""
+
+    status_code = 499
+    code = "client_closed"
+
+    @property
+    def reason(self) -> str:
+        return "client_closed"
 
 
 class PayloadTooLarge(HTTPError):

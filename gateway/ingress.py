@@ -14,14 +14,16 @@ import hmac
 import logging
 import re
 from collections.abc import Callable
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import unquote, unquote_plus
 
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import (
     BadRequest,
+    ClientClosed,
     HTTPError,
     InternalError,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -57,17 +59,26 @@ DROPPED_HEADERS = frozenset(
 log = logging.getLogger("gateway.ingress")
 PREFIX = b"/hooks/"
 TOKEN_PARAM = "token"
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 MAX_IDEMPOTENCY_KEY = 200  # longer keys are kept as their SHA-256: compared whole, stored short
 # With a content-length, uvicorn sends the body as it is; without, chunked (more bytes to write and
 # for the helpdesk to parse).
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
+class Answered(Exception):
+    """Ends a request that gets an answer of its own and no event (OPTIONS, unless forwarded)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
 class Ingress:
     """ASGI app for `ANY /hooks/{name}[/{rest}]`."""
 
     def __init__(
-        self, config: Config, batcher: IngestBatcher, proxy: Proxy, on_refused: Callable[[int], None]
+        self, config: Config, batcher: IngestBatcher, proxy: Proxy, on_refused: Callable[[str], None]
     ) -> None:
         self._config = config
         self._batcher = batcher
@@ -86,8 +97,11 @@ class Ingress:
                     self._proxy.log_later(log_item)
                 return
             event_id, repeat = await self._accept(integration, request, idempotency_key)
+        except Answered as done:  # e.g. a browser's CORS preflight: answered, stored nowhere
+            await _answer(send, done.status, b"", [(b"allow", ALLOW)])
+            return
         except HTTPError as exc:
-            self._on_refused(exc.status_code)
+            self._on_refused(exc.reason)
             await _answer(send, exc.status_code, exc.body, [*JSON_HEADERS, *exc.headers])
             return
         except Exception:
@@ -110,6 +124,11 @@ class Ingress:
         integration = self._config.integration(name)
         if integration is None:
             raise NotFound(f"no integration is named {name!r}")
+        method = scope["method"]
+        if method in REFUSED_METHODS:
+            raise MethodNotAllowed(f"{method} is not relayed", ((b"allow", ALLOW),))
+        if method == "OPTIONS" and not integration.forward_options:
+            raise Answered(204)
 
         kept: list[tuple[str, str]] = []
         dropped = DROPPED_HEADERS
@@ -124,7 +143,7 @@ class Ingress:
             elif key == b"connection":
                 dropped = dropped | {h.strip().lower().encode() for h in value.decode("latin-1").split(",")}
             if key not in dropped:
-                kept.append((key.decode("latin-1"), value.decode("latin-1")))
+                kept.append((key.decode("latin-1"), _header_value(value)))
         if dropped is not DROPPED_HEADERS:
             kept = [(k, v) for k, v in kept if k.encode("latin-1") not in dropped]
 
@@ -161,7 +180,7 @@ class Ingress:
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ServiceUnavailable("the client went away before sending the whole body")
+                raise ClientClosed("the client went away before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
@@ -186,12 +205,20 @@ def _check_token(integration: Integration, given: str | None, query: str) -> str
     """Raises Unauthorized unless the token matches; returns the query without the token in it."""
     assert integration.inbound_token is not None
     expected = integration.inbound_token.get_secret_value().encode()
-    params = parse_qsl(query, keep_blank_values=True)
-    if given is None:
-        given = next((v for k, v in params if k == TOKEN_PARAM), None)
+    # The query goes on byte for byte, less the token: it is cut out, never decoded and re-encoded
+    # (which changed `;`, `%FF` and bare flags).
+    kept, tokens = [], []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote_plus(name) == TOKEN_PARAM:
+            tokens.append(unquote_plus(value))
+        else:
+            kept.append(part)
+    if given is None and tokens:
+        given = tokens[0]
     if given is None or not hmac.compare_digest(given.encode(), expected):
         raise Unauthorized("a valid X-Gateway-Token header or token parameter is required")
-    return urlencode([(k, v) for k, v in params if k != TOKEN_PARAM])
+    return "&".join(kept) if tokens else query
 
 
 async def _answer(
@@ -212,3 +239,12 @@ def _idempotency_key(key: str) -> str:
     if len(key) <= MAX_IDEMPOTENCY_KEY:
         return key
     return "sha256:" + hashlib.sha256(key.encode("latin-1")).hexdigest()
+
+
+def _header_value(raw: bytes) -> str:
+    """A header value as text that the HTTP client (aiohttp writes UTF-8) sends back byte for
+    byte: UTF-8 when it is (ASCII is), else Latin-1, whose bytes above 0x7f then go out re-encoded."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")

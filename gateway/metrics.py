@@ -77,8 +77,8 @@ class Refusals:
         self._store = store
         self._pending: Counter[str] = Counter()
 
-    def add(self, status: int) -> None:
-        self._pending[str(status)] += 1
+    def add(self, reason: str) -> None:
+        self._pending[reason] += 1
 
     async def flush_forever(self) -> None:
         while True:
@@ -182,7 +182,9 @@ class Metrics:
         )
         alerts_f = CounterMetricFamily("gateway_alerts_sent", "Alerts sent, by kind.", labels=["kind"])
         refused_f = CounterMetricFamily(
-            "gateway_inbound_refused", "Helpdesk requests refused, by HTTP status.", labels=["reason"]
+            "gateway_inbound_refused",
+            "Helpdesk requests refused, by HTTP status (client_closed: the helpdesk hung up).",
+            labels=["reason"],
         )
 
         for k, integration in enumerate(integrations):

@@ -75,6 +75,7 @@ ERRORS = {
     404: "no such route, or the named object does not exist",
     409: "a conflict: the event is neither delivered nor dead, or a bulk replay with this"
     " Idempotency-Key is still being started (ask again)",
+    413: "the body is larger than 64 KiB",
     422: "a parameter or the body cannot be used; `detail` names it",
     503: "Redis is not reachable",
 }
@@ -171,7 +172,7 @@ PATHS: dict[str, Schema] = {
         "post": _operation(
             "Replay every event that matches a filter, in the background",
             (202, "the replay job, started", "ReplayJob"),
-            (409, 422),
+            (409, 413, 422),
             [
                 {
                     "name": "Idempotency-Key",

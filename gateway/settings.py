@@ -108,6 +108,8 @@ class Integration(_Model):
     rate_limit_per_s: Annotated[float, Field(gt=0, le=100000)] | None = None
     rate_limit_burst: Annotated[int, Field(ge=1, le=100000)] | None = None
     ordered: bool = False  # one attempt at a time, in arrival order
+    # OPTIONS (a browser's CORS preflight, mostly) is answered 204 and stored nowhere, unless this
+    forward_options: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -114,8 +115,11 @@ def test_inbound_token_required_and_not_passed_on(
     assert stored_keys(rdb) == before
     assert gateway.post("/hooks/crm/a", headers={"x-gateway-token": "t0ken"}).status_code == 202
     assert gateway.post("/hooks/crm/b?token=t0ken&keep=1").status_code == 202
-    got = sorted(upstream.wait_for(2), key=lambda r: r.path_qs)
-    assert [r.path_qs for r in got] == ["/a", "/b?keep=1"]
+    # The rest of the query goes on byte for byte: `;`, raw %FF, bare flags and + untouched.
+    odd = "/hooks/crm/c?a=1;b=2&token=t0ken&flag&c=%FF&d=x+y&e=%20"
+    assert gateway.post(odd).status_code == 202
+    got = sorted(upstream.wait_for(3), key=lambda r: r.path_qs)
+    assert [r.path_qs for r in got] == ["/a", "/b?keep=1", "/c?a=1;b=2&flag&c=%FF&d=x+y&e=%20"]
     assert all("x-gateway-token" not in r.headers for r in got)
 
 
@@ -130,10 +134,10 @@ def test_health_endpoints(gateway: Gateway, upstream: Upstream) -> None:
     assert missing.json()["error"] == "not_found"
 
 
-def _raw(gateway: Gateway, target: str) -> tuple[int, bytes]:
-    """POSTs with the request target exactly as given (HTTP clients resolve dot segments first)."""
+def _raw(gateway: Gateway, target: str, method: str = "POST") -> tuple[int, bytes]:
+    """Sends with the request target exactly as given (HTTP clients resolve dot segments first)."""
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-        request = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        request = f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
         sock.sendall(request.encode() + b"{}")
         reply = b""
         while chunk := sock.recv(65536):
@@ -169,3 +173,52 @@ def test_dot_segments_after_the_name_are_refused_and_the_stored_url_is_the_sent_
     wait_until(lambda: rdb.zcard(KEYS.state_index("crm", "delivered")) == 1)
     blob = rdb.get(KEYS.request(event_id))
     assert isinstance(blob, bytes) and StoredRequest.unpack(blob).url == upstream.url + got.path_qs
+
+
+def test_methods_other_than_a_helpdesks_store_nothing(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(
+        integration_toml("crm", upstream.url), integration_toml("cors", upstream.url, forward_options=True)
+    ).start()
+    before = stored_keys(rdb)
+    for method in ("TRACE", "CONNECT"):
+        status, body = _raw(gateway, "/hooks/crm/x", method)
+        assert (status, orjson.loads(body)["error"]) == (405, "method_not_allowed"), method
+    preflight = httpx.options(gateway.url + "/hooks/crm/x", headers={"origin": "https://app.example"})
+    assert preflight.status_code == 204 and "POST" in preflight.headers["allow"]
+    assert "access-control-allow-origin" not in preflight.headers
+    assert stored_keys(rdb) == before
+    assert upstream.count() == 0
+    # An integration that asks for them gets its OPTIONS relayed.
+    assert httpx.options(gateway.url + "/hooks/cors/x").status_code == 202
+    (got,) = upstream.wait_for(1)
+    assert got.method == "OPTIONS"
+
+
+def test_header_bytes_go_upstream_unchanged(gateway: Gateway, upstream: Upstream) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    request = (
+        b"POST /hooks/crm HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
+        + "X-Customer: Zoë Ångström 名前\r\n".encode()
+        + b"\r\n{}"
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 202")
+    (got,) = upstream.wait_for(1)
+    assert got.headers["x-customer"] == "Zoë Ångström 名前"
+
+
+def test_a_client_that_hangs_up_is_counted_apart_from_a_redis_outage(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway.configure(integration_toml("crm", upstream.url)).start()
+    before = stored_keys(rdb)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"POST /hooks/crm HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{partial")
+        time.sleep(0.2)
+    metric = 'gateway_inbound_refused_total{reason="client_closed"} 1.0'
+    wait_until(lambda: metric in httpx.get(gateway.url + "/metrics").text, timeout=10)
+    assert 'reason="503"' not in httpx.get(gateway.url + "/metrics").text
+    assert stored_keys(rdb) == before

@@ -121,6 +121,10 @@ def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
         assert answer.status_code == 422, body
         assert answer.json()["error"] == "invalid_parameter"
         assert answer.json()["detail"].startswith(field + ": "), answer.json()
+    huge = admin(
+        gateway, "POST", "/admin/replay", content=b'{"state": "dead", "x": "' + b"y" * 70_000 + b'"}'
+    )
+    assert (huge.status_code, huge.json()["error"]) == (413, "payload_too_large")
     assert admin(gateway, "GET", "/admin/replays/nope").status_code == 404
     assert admin(gateway, "POST", "/admin/replays/nope/cancel").status_code == 404
 
