@@ -477,6 +477,7 @@ def start_stack(
         REDIS_URL=server.url,
         GATEWAY_CONFIG=str(config),
         GATEWAY_ADMIN_TOKEN=token,
+        GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
         GATEWAY_LOG_LEVEL=log_level,
         GATEWAY_URL=api,
     )
@@ -547,17 +548,21 @@ def write_wrk_script(
     count_header: str | None = None,
     request_path: str | None = None,
     cycle: int = 1,
+    headers: dict[str, str] | None = None,
 ) -> Path:
     """The script of `run_wrk`: `method` requests to the URL given to wrk, with `body` as JSON when
     one is given (a GET has none). With `request_path`, to that path instead, where "{n}" stands for
     a counter that runs through 0 .. `cycle` - 1 over and over (so that requests in flight together
     differ). With `expect_body`, the answers whose body differs are counted (WrkResult.mismatched);
-    with `count_header`, the answers by that header's value (WrkResult.seen, "(none)" when absent)."""
+    with `count_header`, the answers by that header's value (WrkResult.seen, "(none)" when absent).
+    `headers` are sent with every request."""
     if cycle < 1:
         raise ValueError("cycle must be at least 1")
-    request_body = ""
+    request_body = "".join(
+        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items()
+    )
     if body is not None:
-        request_body = (
+        request_body += (
             f'wrk.body = {_lua_long_string(body)}\nwrk.headers["Content-Type"] = "application/json"'
         )
     path.write_text(

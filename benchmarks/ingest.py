@@ -9,7 +9,8 @@ benchmarks/_hello.py: one Starlette Route that reads the body and answers 202 wi
 body, on uvicorn with the settings of `gateway serve` (uvloop, httptools, no access log, one
 process). Both answer POST /hooks/bench.
 
-Load: wrk, a separate process, POSTs a 500-byte JSON webhook (Content-Type: application/json) over
+Load: wrk, a separate process, POSTs a 500-byte JSON webhook (Content-Type: application/json, and
+an `Authorization: Bearer ...` header, as a helpdesk sends its API key) over
 `--connections` keep-alive connections (default 32) for `--seconds`, after a `--warmup` run. wrk
 uses ONE thread by default: the server under test is a single Python process and is the bottleneck
 at a few thousand requests/s, which one wrk thread (C, epoll) drives while using a small fraction of
@@ -31,13 +32,19 @@ had no CPU (Linux schedstat): high values mean the machine, not the server, limi
 "batch: events, Redis us" are the gateway's IngestBatcher writes (EVALSHA calls, from Redis's
 INFO commandstats) and the time Redis spent in each.
 
-Aim of the issues: the gateway at 0.70 or more of the bare app's requests/s.
+Two gateways are measured: "gateway" as it runs by default, sealing the Authorization header with
+AES-GCM before it is stored (GATEWAY_SECRET_KEY set), and "gateway-plain" with
+`store_credentials = "plain"`, which stores it in clear: the cost of sealing, side by side.
+
+Aim of the issues: the gateway at 0.70 or more of the bare app's requests/s, with sealing on.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,6 +86,8 @@ max_body_bytes = 1048576
 name = "bench"
 target = "http://127.0.0.1:9/"
 """
+PLAIN = CONFIG.replace("[gateway]\n", '[gateway]\nstore_credentials = "plain"\n')
+CREDENTIAL = {"Authorization": "Bearer 3c1f0d9e8b7a6f5e4d3c2b1a0f9e8d7c"}
 
 
 @dataclass
@@ -270,32 +279,42 @@ def run(args: argparse.Namespace) -> Outcome:
     """Rounds of (bare app, gateway) under wrk; prints the table; the figure and checks."""
     with harness("gateway-bench-ingest-") as h:
         server = start_redis(h)
-        config = h.directory / "gateway.toml"
+        config, plain = h.directory / "gateway.toml", h.directory / "plain.toml"
         config.write_text(CONFIG)
+        plain.write_text(PLAIN)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(
             REDIS_URL=server.url,
             GATEWAY_CONFIG=str(config),
             GATEWAY_LOG_LEVEL="WARNING",
             GATEWAY_ADMIN_TOKEN="bench",
+            GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
         )
 
-        gateway_port, hello_port = free_port(), free_port()
-        gateway = h.spawn(
-            "gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)], env=env
+        gateway_port, plain_port, hello_port = free_port(), free_port(), free_port()
+        serve = [sys.executable, "-m", "gateway", "serve", "--port"]
+        gateway = h.spawn("gateway", [*serve, str(gateway_port)], env=env)
+        gateway_plain = h.spawn(
+            "gateway-plain", [*serve, str(plain_port)], env={**env, "GATEWAY_CONFIG": str(plain)}
         )
         hello = h.spawn("hello", [*h.python("_hello.py"), "--port", str(hello_port)])
-        wait_http(
-            f"http://127.0.0.1:{gateway_port}/healthz", gateway, expect=200, describe=lambda: h.log("gateway")
-        )
-        wait_http(
-            f"http://127.0.0.1:{hello_port}/healthz", hello, expect=200, describe=lambda: h.log("hello")
-        )
+        for name, process, port in (
+            ("gateway", gateway, gateway_port),
+            ("gateway-plain", gateway_plain, plain_port),
+            ("hello", hello, hello_port),
+        ):
+            wait_http(
+                f"http://127.0.0.1:{port}/healthz",
+                process,
+                expect=200,
+                describe=functools.partial(h.log, name),
+            )
 
-        script = write_wrk_script(h.directory / "post.lua", webhook_body(args.body_bytes))
+        script = write_wrk_script(h.directory / "post.lua", webhook_body(args.body_bytes), headers=CREDENTIAL)
         targets = [
             Target("hello-world", f"http://127.0.0.1:{hello_port}/hooks/bench", hello.pid, False),
             Target("gateway", f"http://127.0.0.1:{gateway_port}/hooks/bench", gateway.pid, True),
+            Target("gateway-plain", f"http://127.0.0.1:{plain_port}/hooks/bench", gateway_plain.pid, True),
         ]
         r = server.client()
         try:
@@ -305,7 +324,7 @@ def run(args: argparse.Namespace) -> Outcome:
                     measure(h, target, script, r, server.process.pid, args)
         finally:
             r.close()
-        for name, process in (("gateway", gateway), ("hello", hello)):
+        for name, process in (("gateway", gateway), ("gateway-plain", gateway_plain), ("hello", hello)):
             if process.poll() is not None:
                 raise RuntimeError(
                     f"{name} exited with {process.returncode} during the benchmark: {h.log(name)}"
@@ -316,16 +335,17 @@ def run(args: argparse.Namespace) -> Outcome:
     if not outcome.problems:
         print("checks: every response was 202, no socket errors; Redis held an event for every 202")
     outcome.figures.append(figure(targets[1], targets[0]))
+    outcome.figures.append(figure(targets[2], targets[0], "credentials in clear"))
     return outcome
 
 
-def figure(gateway: Target, base: Target) -> Figure:
+def figure(gateway: Target, base: Target, how: str = "credentials sealed") -> Figure:
     """The suite's row: the gateway's accepted events/s beside the bare app's."""
     ratio = round_ratio(gateway, base)
     rate = median([x.wrk.rate for x in gateway.runs])
     return Figure(
         "ingest",
-        "accepted events/s, `gateway serve`",
+        f"accepted events/s, `gateway serve`, {how}",
         f"{rate:.0f}",
         f"bare Starlette {median([x.wrk.rate for x in base.runs]):.0f}/s",
         f"{ratio:.2f}",

@@ -22,7 +22,7 @@ from gateway.alerts import AlertKind, Alerts
 from gateway.errors import Conflict, InvalidParameter, NotFound, PayloadTooLarge, Unauthorized
 from gateway.events import EventState, StoredRequest, now_ms
 from gateway.replays import ReplayJobs
-from gateway.settings import Integration, Settings
+from gateway.settings import REDACTED, Integration, Settings
 from gateway.store import Store
 
 
@@ -48,6 +48,7 @@ class Admin:
         self._store = store
         self._alerts = alerts
         self._replays = ReplayJobs(settings.config, store)
+        self._hidden = settings.config.gateway.credential_names | NEVER_SHOWN
 
     def routes(self) -> list[Route]:
         return [
@@ -91,7 +92,7 @@ class Admin:
         return shapes.Integration(
             name=integration.name,
             mode=integration.mode,
-            target=str(integration.target),
+            target=integration.redact(str(integration.target)),
             state="paused" if paused else "active",
             paused_by=("operator" if health.get("manual") == "1" else "failures") if paused else None,
             consecutive_failures=int(health.get("fails", 0)),
@@ -183,10 +184,12 @@ class Admin:
                 text, raw = stored.body.decode("utf-8"), None
             except UnicodeDecodeError:
                 text, raw = None, base64.b64encode(stored.body).decode()
+            integration = self._config.integration(event["integration"])
+            hidden = self._hidden
             event["request"] = shapes.StoredRequest(
                 method=stored.method,
-                url=stored.url,
-                headers=[(k, "[redacted]" if k.lower() in REDACTED else v) for k, v in stored.headers],
+                url=stored.url if integration is None else integration.redact(stored.url),
+                headers=[(k, REDACTED if k.lower() in hidden else v) for k, v in stored.headers],
                 body=text,
                 body_base64=raw,
             )
@@ -241,10 +244,8 @@ class Admin:
         return answer(shapes.EventReplay(id=event_id, state=EventState(state), attempt=attempt + 1), 202)
 
 
-# Credentials the helpdesk sent: kept for delivery, never shown.
-REDACTED = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token", "idempotency-key"}
-)
+# Shown in no event, beside the credential headers of the config (sealed at rest, too).
+NEVER_SHOWN = frozenset({"x-auth-token", "idempotency-key"})
 
 
 def _cursor(value: str | None) -> tuple[float, str] | None:

@@ -23,6 +23,7 @@ from gateway.ingress import Ingress
 from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
 from gateway.proxy import Proxy
+from gateway.sealing import AtRest
 from gateway.settings import Settings
 from gateway.store import IngestBatcher, Store, redis_client
 
@@ -79,8 +80,9 @@ def create_app(settings: Settings) -> GatewayApp:
     batcher = IngestBatcher(store, config.gateway.idempotency_ttl_s, config.gateway.store_timeout_s)
     refusals = Refusals(store)
     alerts = Alerts(config, settings.public_url, store)
-    proxy = Proxy(config, store, alerts)
-    ingress = Ingress(config, batcher, proxy, refusals.add)
+    at_rest = AtRest(settings.sealer, config.gateway.credential_names)
+    proxy = Proxy(config, store, alerts, at_rest)
+    ingress = Ingress(config, batcher, proxy, refusals.add, at_rest)
     health = Readiness(store, config.gateway.store_timeout_s)
     metrics = Metrics(config, store)
     admin = Admin(settings, store, alerts, proxy.forget_pause)

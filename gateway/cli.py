@@ -46,6 +46,12 @@ def check_config(path: str | None) -> None:
     click.echo(f"{path}: ok, {len(config.integrations)} integration(s)")
 
 
+def _refuse_unsealed(settings: Settings) -> None:
+    reason = settings.unsealed_reason()
+    if reason is not None:
+        raise client.Refused(reason, exit_code=2)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
@@ -63,6 +69,7 @@ def serve(host: str, port: int) -> None:
             "(set it to a long random string; `gateway dev` makes one for you)",
             exit_code=2,
         )
+    _refuse_unsealed(settings)
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -84,6 +91,7 @@ def worker() -> None:
 
     _logging()
     settings = _settings()
+    _refuse_unsealed(settings)
     uvloop.run(run_worker(settings))
 
 

@@ -45,16 +45,23 @@ class ErrorKind(StrEnum):
     UNKNOWN_INTEGRATION = "unknown_integration"
     TOO_LARGE = "too_large"
     PAUSED = "paused"
+    SEALED = "sealed"  # its credential headers do not open with the keys given: nothing sent
 
 
 # Attempts that sent nothing (the worker sending them was lost or stopped, or the config no longer
 # has the integration): they say nothing about the endpoint and have no latency.
 NOT_SENT = frozenset(
-    {ErrorKind.LEASE_EXPIRED, ErrorKind.WORKER_STOPPED, ErrorKind.UNKNOWN_INTEGRATION, ErrorKind.PAUSED}
+    {
+        ErrorKind.LEASE_EXPIRED,
+        ErrorKind.WORKER_STOPPED,
+        ErrorKind.UNKNOWN_INTEGRATION,
+        ErrorKind.PAUSED,
+        ErrorKind.SEALED,
+    }
 )
 
 # Errors a later attempt cannot fix.
-FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.TOO_LARGE})
+FINAL_ERRORS = frozenset({ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.TOO_LARGE, ErrorKind.SEALED})
 
 
 @dataclass(slots=True)  # not frozen: made per request, and a frozen init costs twice as much

@@ -24,6 +24,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.app import create_app
+from gateway.sealing import ENV as SECRET_KEY_ENV
+from gateway.sealing import Sealer
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.dev")
@@ -137,6 +139,21 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def dev_secret_key(var_dir: Path) -> str:
+    """The key that seals credential headers in the embedded Redis: made once and kept beside its
+    append-only file (mode 0600), so events stored by an earlier `gateway dev` still open."""
+    path = var_dir / "secret.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = Sealer.new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
 def lock_var_dir(var_dir: Path) -> IO[str] | None:
     """Takes var/'s lock for this process (released when it exits, however it exits); None when
     another `gateway dev` holds it: two would start two servers on one socket and one append-only
@@ -181,6 +198,8 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
         log.info("embedded Redis at %s (append-only file in %s)", env["REDIS_URL"], VAR_DIR.resolve())
     if not env.get("GATEWAY_ADMIN_TOKEN"):
         env["GATEWAY_ADMIN_TOKEN"] = secrets.token_urlsafe(16)
+    if not env.get(SECRET_KEY_ENV):
+        env[SECRET_KEY_ENV] = dev_secret_key(VAR_DIR)
     settings = Settings.from_env(env=env)
     worker = subprocess.Popen([sys.executable, "-m", "gateway", "worker"], env=env)
     children.insert(0, worker)

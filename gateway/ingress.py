@@ -32,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.events import StoredRequest, new_event_id
 from gateway.proxy import Proxy
+from gateway.sealing import AtRest
 from gateway.settings import Config, Integration
 from gateway.store import IngestBatcher, NewEvent
 
@@ -78,13 +79,24 @@ class Ingress:
     """ASGI app for `ANY /hooks/{name}[/{rest}]`."""
 
     def __init__(
-        self, config: Config, batcher: IngestBatcher, proxy: Proxy, on_refused: Callable[[str], None]
+        self,
+        config: Config,
+        batcher: IngestBatcher,
+        proxy: Proxy,
+        on_refused: Callable[[str], None],
+        at_rest: AtRest,
     ) -> None:
         self._config = config
         self._batcher = batcher
         self._proxy = proxy
         self._on_refused = on_refused
+        self._at_rest = at_rest
         self._max_body = config.gateway.max_body_bytes
+        # A helpdesk header that a configured one replaces is neither sent nor stored.
+        self._dropped = {
+            i.name: DROPPED_HEADERS | {n.encode("latin-1") for n in i.configured_header_names}
+            for i in config.integrations
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -131,7 +143,7 @@ class Ingress:
             raise Answered(204)
 
         kept: list[tuple[str, str]] = []
-        dropped = DROPPED_HEADERS
+        dropped = base = self._dropped.get(integration.name, DROPPED_HEADERS)
         declared = token = idempotency_key = None
         for key, value in scope["headers"]:
             if key == b"content-length":
@@ -144,7 +156,7 @@ class Ingress:
                 dropped = dropped | {h.strip().lower().encode() for h in value.decode("latin-1").split(",")}
             if key not in dropped:
                 kept.append((key.decode("latin-1"), _header_value(value)))
-        if dropped is not DROPPED_HEADERS:
+        if dropped is not base:
             kept = [(k, v) for k, v in kept if k.encode("latin-1") not in dropped]
 
         query = scope["query_string"].decode("latin-1")
@@ -162,7 +174,9 @@ class Ingress:
     async def _accept(
         self, integration: Integration, request: StoredRequest, idempotency_key: str
     ) -> tuple[str, bool]:
-        event = NewEvent(new_event_id(), integration.name, _idempotency_key(idempotency_key), request.pack())
+        event = NewEvent(
+            new_event_id(), integration.name, _idempotency_key(idempotency_key), self._at_rest.pack(request)
+        )
         try:
             return await self._batcher.submit(event)
         except StoreUnavailable as exc:

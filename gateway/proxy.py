@@ -55,6 +55,7 @@ from gateway.errors import (
     error_json,
 )
 from gateway.events import Answered, AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
+from gateway.sealing import AtRest
 from gateway.settings import Config, Integration
 from gateway.store import NOT_COUNTED, Batcher, Finished, Proxied, Store, health_of
 
@@ -278,7 +279,8 @@ def falls_back(result: Result) -> bool:
 class Proxy:
     """Answers the requests of proxy integrations; one per API process."""
 
-    def __init__(self, config: Config, store: Store, alerts: Alerts) -> None:
+    def __init__(self, config: Config, store: Store, alerts: Alerts, at_rest: AtRest) -> None:
+        self._at_rest = at_rest
         self._store = store
         self._alerts = alerts
         self._policy = AddressPolicy(config.gateway.allowed_networks)
@@ -575,7 +577,7 @@ class Proxy:
             error=result.error.value if result.error else None,
             detail=detail,
             outcome=state.value,
-            body=result.body.decode("utf-8", "replace"),
+            body=r.integration.redact(result.body.decode("utf-8", "replace")),
             answered=answered,
         )
         return Proxied(
@@ -583,7 +585,7 @@ class Proxy:
             r.integration.name,
             state,
             2 if state in (EventState.RETRYING, EventState.HELD) and own else 1,
-            r.request.pack(),
+            self._at_rest.pack(r.request),
             record,
             health_of(r.integration, result) if own else NOT_COUNTED,
             cache,

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, quote_plus, unquote
 
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -31,11 +33,15 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
+from gateway.sealing import CREDENTIAL_HEADERS, Sealer
+from gateway.sealing import ENV as SECRET_KEY_ENV
 
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the API listens, and the operator commands look
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+REDACTED = "[redacted]"
+MIN_SECRET = 4  # shorter values are not redacted: they would blank out ordinary text
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -110,6 +116,8 @@ class Integration(_Model):
     ordered: bool = False  # one attempt at a time, in arrival order
     # OPTIONS (a browser's CORS preflight, mostly) is answered 204 and stored nowhere, unless this
     forward_options: bool = False
+    # Values that `${VAR}` put into the target's query: secrets, redacted wherever the URL is shown.
+    _url_secrets: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +175,36 @@ class Integration(_Model):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
         return headers
 
+    @cached_property
+    def configured_header_names(self) -> frozenset[str]:
+        """Lower-case names of the configured headers: a helpdesk header of the same name is
+        replaced when sent, so it is not stored either."""
+        return frozenset(name.lower() for name in self.headers)
+
+    @cached_property
+    def _secrets(self) -> re.Pattern[str] | None:
+        """Every configured secret value (and its percent-encoded forms) as one pattern."""
+        values = {v.get_secret_value() for v in [*self.headers.values(), *self.signing_secrets]}
+        for value in list(values):  # "Bearer abc", "Basic abc": the credential alone, echoed
+            values.add(value.rsplit(" ", 1)[-1])
+        if self.inbound_token is not None:
+            values.add(self.inbound_token.get_secret_value())
+        if self.target.password:
+            values.add(unquote(self.target.password))
+        values.update(self._url_secrets)
+        forms = {
+            form for v in values if len(v) >= MIN_SECRET for form in (v, quote(v, safe=""), quote_plus(v))
+        }
+        if not forms:
+            return None
+        return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)))
+
+    def redact(self, text: str) -> str:
+        """`text` with every configured secret value in it replaced by [redacted]: for attempt
+        bodies that echo a credential, and for URLs shown by the admin API and the CLI."""
+        pattern = self._secrets
+        return text if pattern is None else pattern.sub(REDACTED, text)
+
     def upstream_url(self, rest: str, query: str) -> str:
         """`target` + `/{rest}` + `?{query}`, as the contract promises; a query in the target comes
         first, then the request's (`target?key=1` and `?email=a` give `?key=1&email=a`)."""
@@ -189,12 +227,29 @@ class Alert(_Model):
 
 
 class GatewaySection(_Model):
+    # "sealed": credential headers are encrypted at rest under GATEWAY_SECRET_KEY, and `serve` and
+    # `worker` refuse to start without it; "plain" keeps them in clear, on purpose.
+    store_credentials: Literal["sealed", "plain"] = "sealed"
+    credential_headers: list[str] = []  # sealed and never shown, beside CREDENTIAL_HEADERS
     max_body_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
     allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     idempotency_ttl_s: Annotated[int, Field(ge=1)] = 86400
     store_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
     # On SIGTERM the API stops accepting connections and gives its open requests this long to end.
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+
+    @field_validator("credential_headers")
+    @classmethod
+    def _credential_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(HEADER_NAME, name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return [name.lower() for name in names]
+
+    @cached_property
+    def credential_names(self) -> frozenset[str]:
+        """Header names (lower case) whose values are sealed at rest and never shown."""
+        return CREDENTIAL_HEADERS | frozenset(self.credential_headers)
 
     @field_validator("allowed_networks", mode="before")
     @classmethod
@@ -290,22 +345,30 @@ class Config(_Model):
         return max((i.timeout_s for i in self.integrations), default=10.0)
 
 
-def _expand(value: Any, path: str, env: Mapping[str, str], source: str) -> Any:
+def _expand(
+    value: Any, path: str, env: Mapping[str, str], source: str, in_query: dict[str, list[str]]
+) -> Any:
+    """`value` with its variables replaced; what they put after a `?` is noted in `in_query`
+    under the value's path (a key in a target's query is a secret to redact when shown)."""
     if isinstance(value, str):
 
         def lookup(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if default is not None:  # ${NAME:-default}, as in a shell: unset or empty takes the default
-                return env.get(name) or default
-            if name not in env:
+                found = env.get(name) or default
+            elif name not in env:
                 raise ConfigError(source, path, f"environment variable {name} is not set")
-            return env[name]
+            else:
+                found = env[name]
+            if "?" in value[: match.start()]:
+                in_query.setdefault(path, []).append(found)
+            return found
 
         return _VAR.sub(lookup, value)
     if isinstance(value, dict):
-        return {k: _expand(v, f"{path}.{k}" if path else k, env, source) for k, v in value.items()}
+        return {k: _expand(v, f"{path}.{k}" if path else k, env, source, in_query) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, f"{path}[{i}]", env, source) for i, v in enumerate(value)]
+        return [_expand(v, f"{path}[{i}]", env, source, in_query) for i, v in enumerate(value)]
     return value
 
 
@@ -324,13 +387,17 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    expanded = _expand(raw, "", env, source)
+    in_query: dict[str, list[str]] = {}
+    expanded = _expand(raw, "", env, source, in_query)
     try:
-        return Config.model_validate(expanded)
+        config = Config.model_validate(expanded)
     except ValidationError as exc:
         first = exc.errors()[0]
         reason = first["msg"].removeprefix("Value error, ")
         raise ConfigError(source, _field_path(first["loc"]), reason) from None
+    for n, integration in enumerate(config.integrations):
+        integration._url_secrets = tuple(in_query.get(f"integrations[{n}].target", ()))
+    return config
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -354,6 +421,18 @@ class Settings:
     key_prefix: str
     public_url: str = DEFAULT_URL
     admin_token: SecretStr | None = None
+    sealer: Sealer | None = None  # from GATEWAY_SECRET_KEY
+
+    def unsealed_reason(self) -> str | None:
+        """Why `serve` and `worker` will not start as configured: credentials would be kept in
+        clear without anybody having said so. None when they may start."""
+        if self.sealer is not None or self.config.gateway.store_credentials == "plain":
+            return None
+        return (
+            "GATEWAY_SECRET_KEY is not set, so credential headers would be stored in Redis in clear; "
+            "set it (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`) or set "
+            '[gateway] store_credentials = "plain" in the config to store them in clear on purpose'
+        )
 
     @classmethod
     def from_env(cls, config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -373,6 +452,13 @@ class Settings:
             raise ConfigError("GATEWAY_KEY_PREFIX", "", "use 1-32 letters, digits, '_', '.' or '-'")
         token = env.get("GATEWAY_ADMIN_TOKEN")
         public_url = (env.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        keys = env.get(SECRET_KEY_ENV)
         return cls(
-            load_config(path, env), path, redis_url, prefix, public_url, SecretStr(token) if token else None
+            load_config(path, env),
+            path,
+            redis_url,
+            prefix,
+            public_url,
+            SecretStr(token) if token else None,
+            Sealer.from_text(keys) if keys else None,
         )

@@ -48,6 +48,7 @@ from gateway.delivery import (
 from gateway.drain import Drainer
 from gateway.events import AttemptRecord, EventState, StoredRequest, now_ms
 from gateway.replays import ReplayRunner
+from gateway.sealing import Unsealable, open_headers
 from gateway.settings import DEFAULT_MAX_IN_FLIGHT, Config, Integration, RetryPolicy, Settings
 from gateway.store import HEARTBEAT_S, Batcher, Claimed, Finish, Finished, Store, every, health_of
 
@@ -106,6 +107,7 @@ class Deliverer:
 
     def __init__(self, settings: Settings, store: Store, sender: Sender, alerts: Alerts) -> None:
         self._config = settings.config
+        self._sealer = settings.sealer
         self._store = store
         self._sender = sender
         self._alerts = alerts
@@ -154,13 +156,18 @@ class Deliverer:
             policy = RetryPolicy()
         else:
             request = StoredRequest.unpack(blob)
+            policy = integration.retry
+            try:
+                kept = open_headers(self._sealer, request.headers)
+            except Unsealable as exc:
+                result = Result(None, ErrorKind.SEALED, str(exc), 0.0)
+                return result, Verdict.DEAD, 0.0
             headers = upstream_headers(
-                request.headers, integration, event_id, request.body, accept_encoding=ACCEPT_ENCODING
+                kept, integration, event_id, request.body, accept_encoding=ACCEPT_ENCODING
             )
             result = await self._sender.send(
                 request.method, request.url, headers, request.body, integration.timeout_s
             )
-            policy = integration.retry
         verdict, wait_s = decide(result, policy, attempt, (now_ms() - received_ms) / 1000)
         return result, verdict, wait_s
 
@@ -196,7 +203,10 @@ class Deliverer:
             error=result.error.value if result.error else None,
             detail=result.detail,
             outcome=state.value,
-            body=result.body.decode("utf-8", "replace"),
+            # An endpoint that echoes a configured credential does not get it shown.
+            body=configured.redact(result.body.decode("utf-8", "replace"))
+            if configured is not None
+            else result.body.decode("utf-8", "replace"),
         )
         if verdict is Verdict.RETRY and retry_state is EventState.RETRYING:
             record["retry_in_s"] = round(wait_s, 3)

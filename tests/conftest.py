@@ -167,6 +167,10 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
+# Seals the credential headers at rest in every test's gateway (32 bytes, base64url).
+TEST_SECRET_KEY = "dGVzdC1vbmx5LXNlY3JldC1rZXktMzItYnl0ZXMhISE"
+
+
 class Gateway:
     """The real `gateway serve` and `gateway worker` processes, with a config written for the test."""
 
@@ -178,7 +182,10 @@ class Gateway:
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
-        self.extra_env: dict[str, str] = {"GATEWAY_ADMIN_TOKEN": "test-admin-token"}
+        self.extra_env: dict[str, str] = {
+            "GATEWAY_ADMIN_TOKEN": "test-admin-token",
+            "GATEWAY_SECRET_KEY": TEST_SECRET_KEY,
+        }
 
     def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Gateway:
         head = '[gateway]\nallowed_networks = ["127.0.0.0/8"]\n' + gateway + "\n"
