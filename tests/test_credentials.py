@@ -39,7 +39,8 @@ PASSWORD = "userinfo-password-2468"
 def everything_in_redis(rdb: redis.Redis) -> bytes:
     """Every value of every key in the test database, as bytes: where a credential could sit."""
     out = []
-    for key in cast(list[bytes], rdb.keys("*")):
+    for raw in cast(list[bytes], rdb.keys("*")):
+        key = raw.decode()
         kind = cast(bytes, rdb.type(key))
         if kind == b"string":
             out.append(cast(bytes, rdb.get(key)))
