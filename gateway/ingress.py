@@ -34,6 +34,7 @@ from gateway.events import StoredRequest, new_event_id
 from gateway.proxy import Proxy
 from gateway.sealing import AtRest
 from gateway.settings import Config, Integration
+from gateway.signing import BadSignature
 from gateway.store import IngestBatcher, NewEvent
 
 # Not relayed: hop-by-hop headers (RFC 9110 7.6.1), what the upstream connection sets itself, the
@@ -165,6 +166,8 @@ class Ingress:
         if declared is not None and declared.isdigit() and int(declared) > self._max_body:
             raise PayloadTooLarge(f"the body is larger than {self._max_body} bytes")
         body = await self._read_body(receive)
+        if integration.inbound_signature is not None:
+            _check_signature(integration, scope["headers"], body)
 
         rest = rest_b.decode("latin-1")
         _refuse_dot_segments(rest)
@@ -213,6 +216,16 @@ def _refuse_dot_segments(rest: str) -> None:
     for segment in re.split(r"[/\\]", unquote(rest)):
         if segment in (".", ".."):
             raise BadRequest("the path after /hooks/{name} may not contain . or .. segments")
+
+
+def _check_signature(integration: Integration, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Raises Unauthorized unless the request carries the signature its integration asks for."""
+    assert integration.inbound_signature is not None
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+    try:
+        integration.inbound_signature.verify(headers, body)
+    except BadSignature as exc:
+        raise Unauthorized(f"the request's signature was refused: {exc}") from None
 
 
 def _check_token(integration: Integration, given: str | None, query: str) -> str:

@@ -94,6 +94,72 @@ class ProxyPolicy(_Model):
         return max(self.stale_ttl_s, self.fresh_ttl_s) * 1000
 
 
+class InboundSignature(_Model):
+    """`[integrations.inbound_signature]`: the helpdesk signs its requests; one that does not
+    verify is answered 401 and stored nowhere."""
+
+    scheme: Literal["standard-webhooks", "hmac"]
+    secrets: Annotated[list[SecretStr], Field(min_length=1)]  # any of them verifies (rotation)
+    tolerance_s: Annotated[float, Field(gt=0, le=86400)] = 300.0  # for the signed timestamp
+    # hmac only: where the signature is, how it is made and written, and what it covers.
+    header: str | None = None
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""  # before the signature in its header, e.g. "sha256="
+    signed: Literal["body", "timestamp+body"] = "body"
+    timestamp_header: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> InboundSignature:
+        from gateway.signing import decode_secret
+
+        if self.scheme == "standard-webhooks":
+            extra = [f for f in ("header", "timestamp_header") if getattr(self, f) is not None]
+            if extra or self.prefix or self.signed != "body":
+                raise ValueError(
+                    "standard-webhooks takes only secrets and tolerance_s (the headers are webhook-*)"
+                )
+            for secret in self.secrets:
+                decode_secret(secret.get_secret_value())
+            return self
+        if self.header is None:
+            raise ValueError('scheme "hmac" needs header (the one that carries the signature)')
+        if (self.signed == "timestamp+body") != (self.timestamp_header is not None):
+            raise ValueError('signed = "timestamp+body" and timestamp_header go together')
+        for name in (self.header, self.timestamp_header):
+            if name is not None and not re.fullmatch(HEADER_NAME, name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return self
+
+    @cached_property
+    def _keys(self) -> list[bytes]:
+        from gateway.signing import decode_secret
+
+        if self.scheme == "standard-webhooks":
+            return [decode_secret(s.get_secret_value()) for s in self.secrets]
+        return [s.get_secret_value().encode() for s in self.secrets]
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Raises signing.BadSignature unless the request is signed as configured."""
+        from gateway import signing
+
+        if self.scheme == "standard-webhooks":
+            signing.verify_standard(self._keys, headers, body, self.tolerance_s)
+            return
+        assert self.header is not None
+        signing.verify_hmac(
+            self._keys,
+            headers,
+            body,
+            header=self.header,
+            algorithm=self.algorithm,
+            encoding=self.encoding,
+            prefix=self.prefix,
+            timestamp_header=self.timestamp_header,
+            tolerance_s=self.tolerance_s,
+        )
+
+
 class Integration(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     target: AnyHttpUrl
@@ -105,6 +171,7 @@ class Integration(_Model):
     probe_cooldown_max_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 900.0
     drain_rate_per_s: Annotated[float, Field(gt=0, le=100000)] = 100.0
     inbound_token: SecretStr | None = None
+    inbound_signature: InboundSignature | None = None
     signing_secrets: list[SecretStr] = []
     headers: dict[str, SecretStr] = {}
     retry: RetryPolicy = RetryPolicy()
@@ -189,6 +256,8 @@ class Integration(_Model):
             values.add(value.rsplit(" ", 1)[-1])
         if self.inbound_token is not None:
             values.add(self.inbound_token.get_secret_value())
+        if self.inbound_signature is not None:
+            values.update(s.get_secret_value() for s in self.inbound_signature.secrets)
         if self.target.password:
             values.add(unquote(self.target.password))
         values.update(self._url_secrets)
