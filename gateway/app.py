@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import uvicorn
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,6 +23,7 @@ from gateway.alerts import Alerts
 from gateway.errors import HTTPError, error_json
 from gateway.health import Readiness
 from gateway.ingress import Ingress
+from gateway.limits import Limits, connection_cap, limited_protocol, raise_nofile
 from gateway.metrics import Metrics, Refusals
 from gateway.openapi import openapi_endpoint
 from gateway.proxy import Proxy
@@ -62,9 +66,10 @@ class GatewayApp:
     the same JSON bodies as Starlette's exception handlers below.
     """
 
-    def __init__(self, ingress: Ingress, api: Starlette) -> None:
+    def __init__(self, ingress: Ingress, api: Starlette, refused: Callable[[str], None]) -> None:
         self.ingress = ingress
         self.api = api
+        self.refused = refused  # counts a refusal made below the app (gateway.limits)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/hooks/"):
@@ -119,4 +124,22 @@ def create_app(settings: Settings) -> GatewayApp:
             Exception: _unexpected,
         },
     )
-    return GatewayApp(ingress, api)
+    return GatewayApp(ingress, api, refusals.add)
+
+
+def serve_config(app: GatewayApp, settings: Settings, **options: Any) -> uvicorn.Config:
+    """uvicorn's config for the API: httptools with the gateway's limits on what a client may
+    send, and the open-files limit raised to the hard limit."""
+    section = settings.config.gateway
+    limits = Limits(
+        section.max_header_bytes, section.max_header_count, section.read_timeout_s, section.max_connections
+    )
+    cap = connection_cap(limits, raise_nofile())
+    return uvicorn.Config(
+        app,
+        http=limited_protocol(limits, cap, app.refused),
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=max(1, math.ceil(section.shutdown_grace_s)),
+        **options,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from urllib.parse import quote, urlencode
@@ -59,7 +58,7 @@ def serve(host: str, port: int) -> None:
     """Run the API process: the helpdesk's URLs (relay and proxy), the admin API, metrics, health."""
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_app, serve_config
 
     _logging()
     settings = _settings()
@@ -70,16 +69,8 @@ def serve(host: str, port: int) -> None:
             exit_code=2,
         )
     _refuse_unsealed(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=max(1, math.ceil(settings.config.gateway.shutdown_grace_s)),
-    )
+    app = create_app(settings)
+    uvicorn.Server(serve_config(app, settings, host=host, port=port, loop="uvloop")).run()
 
 
 @main.command()

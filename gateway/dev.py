@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.app import create_app
+from gateway.app import create_app, serve_config
 from gateway.sealing import ENV as SECRET_KEY_ENV
 from gateway.sealing import Sealer
 from gateway.settings import Settings
@@ -120,9 +120,7 @@ def echo_app() -> Starlette:
 
 
 async def _serve(settings: Settings, host: str, port: int, echo_port: int) -> None:
-    api = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, access_log=False, log_level="warning")
-    )
+    api = uvicorn.Server(serve_config(create_app(settings), settings, host=host, port=port))
     echo = uvicorn.Server(
         uvicorn.Config(echo_app(), host="127.0.0.1", port=echo_port, access_log=False, log_level="warning")
     )

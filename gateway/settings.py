@@ -306,6 +306,12 @@ class GatewaySection(_Model):
     store_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
     # On SIGTERM the API stops accepting connections and gives its open requests this long to end.
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # What one client may cost (gateway.limits): request line and headers, in bytes and fields
+    # (431 past them); the time a request has to arrive whole (408); connections kept at most.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 32 * 1024
+    max_header_count: Annotated[int, Field(ge=8, le=1000)] = 100
+    read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
 
     @field_validator("credential_headers")
     @classmethod
