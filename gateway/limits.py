@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,37 +90,38 @@ def limited_protocol(
         f"the request did not arrive whole within {limits.read_timeout_s:g} s",
     )
 
+    # Connections with no request in the app (a head still coming, or keep-alive between two
+    # requests), longest waiting first: the ones to close when the cap is reached.
+    idle: OrderedDict[LimitedHttpToolsProtocol, None] = OrderedDict()
+
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._in_head = True
             self._head_bytes = 0
             self._head_tail = b""  # the last bytes seen, for an end of head split across reads
-            self._waiting_since = time.monotonic()
             self._deadline: asyncio.TimerHandle | None = None
             self._refused = False  # answered here: whatever else the client sends is ignored
-
-        @property
-        def _idle(self) -> bool:
-            """No request of this connection is with the app: its head is still coming, or it
-            waits for its next request (keep-alive)."""
-            if self._in_head:
-                return True
-            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
             if len(self.connections) > cap:
                 self._make_room()
+            idle[self] = None
 
         def connection_lost(self, exc: Exception | None) -> None:
+            idle.pop(self, None)
             self._disarm()
             super().connection_lost(exc)
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self.pipeline:
+                idle[self] = None  # waits for its next request: at the end of the line
+
         def _arm(self) -> None:
             self._disarm()
-            self._waiting_since = time.monotonic()
             self._deadline = self.loop.call_later(limits.read_timeout_s, self._too_slow)
 
         def _disarm(self) -> None:
@@ -131,14 +132,10 @@ def limited_protocol(
         def _make_room(self) -> None:
             """Closes the connection that has waited longest for a whole request head (or idled
             longest between requests); when every other one has a request in hand, this one."""
-            idle = [
-                c
-                for c in self.connections
-                if isinstance(c, LimitedHttpToolsProtocol) and c is not self and c._idle
-            ]
             on_refused("connection_cap")
             if idle:
-                min(idle, key=lambda c: c._waiting_since)._close()
+                oldest, _ = idle.popitem(last=False)
+                oldest._close()
             else:
                 self._refused = True
                 self.transport.write(full)
@@ -192,6 +189,7 @@ def limited_protocol(
         def on_headers_complete(self) -> None:
             if self._refused:
                 return
+            idle.pop(self, None)  # its request goes to the app: never closed to make room
             self._in_head = False
             self._head_tail = b""
             if len(self.headers) > limits.max_header_count:
@@ -207,7 +205,6 @@ def limited_protocol(
             if self._refused:
                 return
             self._disarm()
-            self._waiting_since = time.monotonic()  # idle from here until its next request
             super().on_message_complete()
 
     return LimitedHttpToolsProtocol

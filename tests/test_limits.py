@@ -40,6 +40,22 @@ def answer_of(sock: socket.socket) -> tuple[int, dict[str, str]]:
     return int(head.split(b" ", 2)[1]), orjson.loads(body)
 
 
+def one_answer(sock: socket.socket) -> bytes:
+    """One whole answer on a keep-alive connection (its head and body may come in two reads)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
 def send_all_you_can(sock: socket.socket, data: bytes) -> None:
     """Sends until the gateway stops listening (it answers and closes long before a huge head ends)."""
     try:
@@ -77,7 +93,7 @@ def test_oversized_or_too_many_headers_get_431_json_and_store_nothing(
     fits = b"x-fits: " + b"c" * 3000 + b"\r\n" + b"".join(b"x-h%d: v\r\n" % n for n in range(10))
     with connect(gateway) as sock:
         sock.sendall(post(fits))
-        assert sock.recv(65536).startswith(b"HTTP/1.1 202")
+        assert one_answer(sock).startswith(b"HTTP/1.1 202")
     assert len(stored_keys(rdb) - before) > 0  # the one accepted event, and nothing of the others
     assert gateway.api is not None and gateway.api.poll() is None
 
@@ -101,10 +117,10 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_stores_nothing(
     # A keep-alive connection: its second request has a deadline of its own.
     with connect(gateway) as sock:
         sock.sendall(post())
-        assert sock.recv(65536).startswith(b"HTTP/1.1 202")
+        assert one_answer(sock).startswith(b"HTTP/1.1 202")
         time.sleep(0.3)
         sock.sendall(post())  # 0.8 s after the connection opened: in time, as it is its own
-        assert sock.recv(65536).startswith(b"HTTP/1.1 202")
+        assert one_answer(sock).startswith(b"HTTP/1.1 202")
 
 
 def test_past_the_connection_cap_the_longest_waiting_make_room(gateway: Gateway) -> None:
