@@ -196,7 +196,8 @@ class Integration(_Model):
         mode = data.get("mode", "relay")
         if "proxy" in data and mode != "proxy":
             raise ValueError('[integrations.proxy] is set but mode is not "proxy"')
-        if "timeout_s" not in data and mode in DEFAULT_TIMEOUT_S:
+        # Only a known mode sets a default; any other value is left for the field to refuse.
+        if "timeout_s" not in data and isinstance(mode, str) and mode in DEFAULT_TIMEOUT_S:
             data = {**data, "timeout_s": DEFAULT_TIMEOUT_S[mode]}
         return data
 
@@ -333,6 +334,10 @@ class GatewaySection(_Model):
             return value
         networks = []
         for item in value:
+            if not isinstance(item, str):  # ip_network(1) and ip_network(true) would mean 0.0.0.1/32
+                raise ValueError(
+                    f'{item!r} is not an IP network such as "127.0.0.0/8" (write it as a string)'
+                )
             try:
                 networks.append(ipaddress.ip_network(item))
             except (TypeError, ValueError) as exc:
