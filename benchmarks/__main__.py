@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark in one command, and one table where each figure stands beside
 its baseline measured in the same run and its target.
 
-    python3 -m benchmarks [--only ingest,delivery,latency,idle,fairness,drain,proxy,soak] [--quick] [--write]
+    python3 -m benchmarks [--only ingest,delivery,latency,idle,fairness,drain,proxy,attack,soak] [--quick] [--write]
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -23,6 +23,8 @@ this process, separate from the gateway's). The parts, each also runnable alone:
   proxy     benchmarks/proxy.py     proxy mode: latency added to a GET at 100 and 500/s (15 s each)
                                     / straight to the upstream; GETs/s on a miss / a bare aiohttp
                                     proxy, on a hit / a bare Starlette app
+  attack    benchmarks/attack.py    p99 of the helpdesk's POSTs at 300/s under 1,100 slow connections
+                                    and 64 MiB headers / alone (the API under `ulimit -n 1024`)
   soak      benchmarks/soak.py      RSS of the API and of a worker over 10 min at 200 events/s
 
 The full run takes about 22 minutes; `--quick` (small counts, short durations, a 1-minute soak)
@@ -54,7 +56,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import delivery, drain, fairness, idle, ingest, latency, proxy, soak
+from benchmarks import attack, delivery, drain, fairness, idle, ingest, latency, proxy, soak
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
 
 
@@ -89,6 +91,7 @@ PARTS: dict[str, Part] = {
         [],
         ["--rate-seconds", "3", "--rounds", "1", "--seconds", "2", "--warmup", "1"],
     ),
+    "attack": Part(attack.parser, attack.run, [], ["--seconds", "3", "--slow", "300", "--ramp", "1"]),
     "soak": Part(soak.parser, soak.run, ["--minutes", "10"], ["--minutes", "1"]),
 }
 RESULTS = BENCHMARKS / "RESULTS.md"
