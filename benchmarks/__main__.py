@@ -1,7 +1,9 @@
 """The benchmark suite: every benchmark in one command, and one table where each figure stands beside
 its baseline measured in the same run and its target.
 
-    python3 -m benchmarks [--only ingest,delivery,latency,idle,fairness,drain,proxy,attack,soak] [--quick] [--write]
+    python3 -m benchmarks [--only PART,PART...] [--quick] [--write]
+
+  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
