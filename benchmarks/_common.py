@@ -102,6 +102,22 @@ async def post_like_a_worker(
     return False
 
 
+def gateway_env(redis_url: str, config: Path, log_level: str, **extra: str) -> dict[str, str]:
+    """The environment of the gateway's processes: this one's, less any GATEWAY_ setting of the
+    shell, plus Redis, the config, a fresh secret key (credential headers sealed, as in production)
+    and an admin token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        REDIS_URL=redis_url,
+        GATEWAY_CONFIG=str(config),
+        GATEWAY_LOG_LEVEL=log_level,
+        GATEWAY_ADMIN_TOKEN="bench",
+        GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
+    )
+    env.update(extra)
+    return env
+
+
 def gateway_arguments(p: argparse.ArgumentParser, *, grace: bool = False) -> None:
     """The options of every benchmark that runs the gateway: the webhook's size, the gateway's log
     level and, for those that wait for deliveries after sending, how long without progress."""
@@ -472,15 +488,7 @@ def start_stack(
     config.write_text(config_text)
     token = secrets.token_urlsafe(24)
     api = f"http://127.0.0.1:{gateway_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        REDIS_URL=server.url,
-        GATEWAY_CONFIG=str(config),
-        GATEWAY_ADMIN_TOKEN=token,
-        GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
-        GATEWAY_LOG_LEVEL=log_level,
-        GATEWAY_URL=api,
-    )
+    env = gateway_env(server.url, config, log_level, GATEWAY_ADMIN_TOKEN=token, GATEWAY_URL=api)
     upstream_base = f"http://127.0.0.1:{upstream_port}"
     upstream = h.spawn(
         "upstream", [*h.python("_upstream.py"), "--port", str(upstream_port), "--record", *upstream_args]

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 import time
@@ -40,6 +39,7 @@ from benchmarks._common import (
     Sent,
     cpu_seconds,
     free_port,
+    gateway_env,
     harness,
     percentile,
     print_table,
@@ -72,16 +72,27 @@ class Seen:
         self.answers[status] = self.answers.get(status, 0) + 1
 
 
-async def _slow_client(port: int, seen: Seen, stop: asyncio.Event) -> None:
-    head = b"POST /hooks/bench HTTP/1.1\r\nhost: gw\r\nx-slow: " + b"a" * 100_000
+async def _connect(
+    port: int, seen: Seen, stop: asyncio.Event, pause_s: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A new connection to the gateway, tried again after `pause_s` while it is refused; None once
+    the attack stops."""
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            connection = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
             seen.refused_connect += 1
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(pause_s)
             continue
         seen.opened += 1
+        return connection
+    return None
+
+
+async def _slow_client(port: int, seen: Seen, stop: asyncio.Event) -> None:
+    head = b"POST /hooks/bench HTTP/1.1\r\nhost: gw\r\nx-slow: " + b"a" * 100_000
+    while (connection := await _connect(port, seen, stop, 0.5)) is not None:
+        reader, writer = connection
         try:
             for byte in head:
                 writer.write(bytes([byte]))
@@ -101,14 +112,8 @@ async def _slow_client(port: int, seen: Seen, stop: asyncio.Event) -> None:
 
 async def _big_header(port: int, seen: Seen, stop: asyncio.Event) -> None:
     chunk = b"a" * 65536
-    while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            seen.refused_connect += 1
-            await asyncio.sleep(0.2)
-            continue
-        seen.opened += 1
+    while (connection := await _connect(port, seen, stop, 0.2)) is not None:
+        reader, writer = connection
         try:
             writer.write(b"POST /hooks/bench HTTP/1.1\r\nhost: gw\r\nx-big: ")
             for _ in range(BIG_HEADER // len(chunk)):
@@ -158,14 +163,7 @@ def run(args: argparse.Namespace) -> Outcome:
         server = start_redis(h)
         config = h.directory / "gateway.toml"
         config.write_text(CONFIG)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(
-            REDIS_URL=server.url,
-            GATEWAY_CONFIG=str(config),
-            GATEWAY_LOG_LEVEL="WARNING",
-            GATEWAY_ADMIN_TOKEN="bench",
-            GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
-        )
+        env = gateway_env(server.url, config, "WARNING")
         port = free_port()
         serve = f"ulimit -n 1024 && exec {sys.executable} -m gateway serve --port {port}"
         gateway = h.spawn("gateway", ["sh", "-c", serve], env=env)

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ from benchmarks._common import (
     WrkResult,
     cpu_seconds,
     free_port,
+    gateway_env,
     harness,
     median,
     print_table,
@@ -282,14 +281,7 @@ def run(args: argparse.Namespace) -> Outcome:
         config, plain = h.directory / "gateway.toml", h.directory / "plain.toml"
         config.write_text(CONFIG)
         plain.write_text(PLAIN)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(
-            REDIS_URL=server.url,
-            GATEWAY_CONFIG=str(config),
-            GATEWAY_LOG_LEVEL="WARNING",
-            GATEWAY_ADMIN_TOKEN="bench",
-            GATEWAY_SECRET_KEY=secrets.token_urlsafe(32),
-        )
+        env = gateway_env(server.url, config, "WARNING")
 
         gateway_port, plain_port, hello_port = free_port(), free_port(), free_port()
         serve = [sys.executable, "-m", "gateway", "serve", "--port"]
