@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -63,6 +63,15 @@ class RetryPolicy(_Model):
 
 
 HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+
+
+def _header_names(names: Iterable[str | None]) -> None:
+    """Raises ValueError (pydantic's field error) at the first name that is not an HTTP token."""
+    for name in names:
+        if name is not None and not re.fullmatch(HEADER_NAME, name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+
+
 # Attempts of one integration in flight at once, across all workers, unless set: a hanging endpoint
 # then holds at most this many of the workers' slots (a worker has `concurrency`, 100 by default),
 # and one endpoint alone still gets the throughput measured in benchmarks/delivery.py.
@@ -83,9 +92,7 @@ class ProxyPolicy(_Model):
     @field_validator("vary_headers")
     @classmethod
     def _vary_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(HEADER_NAME, name):
-                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        _header_names(names)
         return sorted({name.lower() for name in names})
 
     @property
@@ -126,9 +133,7 @@ class InboundSignature(_Model):
             raise ValueError('scheme "hmac" needs header (the one that carries the signature)')
         if (self.signed == "timestamp+body") != (self.timestamp_header is not None):
             raise ValueError('signed = "timestamp+body" and timestamp_header go together')
-        for name in (self.header, self.timestamp_header):
-            if name is not None and not re.fullmatch(HEADER_NAME, name):
-                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        _header_names((self.header, self.timestamp_header))
         return self
 
     @cached_property
@@ -238,9 +243,7 @@ class Integration(_Model):
     @field_validator("headers")
     @classmethod
     def _header_names(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name in headers:
-            if not re.fullmatch(HEADER_NAME, name):
-                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        _header_names(headers)
         return headers
 
     @cached_property
@@ -317,9 +320,7 @@ class GatewaySection(_Model):
     @field_validator("credential_headers")
     @classmethod
     def _credential_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(HEADER_NAME, name):
-                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        _header_names(names)
         return [name.lower() for name in names]
 
     @cached_property
