@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import click
+import orjson
 
 from gateway import client, shapes
 from gateway.errors import ConfigError
 from gateway.events import EventState
-from gateway.settings import DEFAULT_CONFIG_PATH, Settings, load_config
+from gateway.settings import DEFAULT_CONFIG_PATH, DEFAULT_URL, Settings, load_config
 
 
 def _settings(config_path: str | None = None) -> Settings:
@@ -229,3 +231,102 @@ def replay(
 def status(url: str, token: str | None, as_json: bool) -> None:
     """Live workers, queue depth, and every integration with its events by state."""
     client.output(client.call("GET", "/admin/status", url, token), as_json, shapes.Status)
+
+
+@main.group("import")
+def import_() -> None:
+    """Move a helpdesk's HTTP integrations behind the gateway."""
+
+
+@import_.command("gorgias")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--account", metavar="URL", help="https://ACCOUNT.gorgias.com; GORGIAS_USERNAME, GORGIAS_API_KEY."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The config to merge into [default: $GATEWAY_CONFIG or config/gateway.toml].",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the secrets go (created 0600, never overwritten) [default: gorgias.env beside the config].",
+)
+@click.option(
+    "--mode", "modes", multiple=True, metavar="NAME=MODE", help="all=relay, or NAME=proxy; repeatable."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--apply", is_flag=True, help="Point the Gorgias integrations at the gateway.")
+@click.option("--reactivate", is_flag=True, help="With --apply: switch deactivated integrations back on.")
+@click.option(
+    "--backup",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --apply: where the originals are saved [default: gorgias-backup-TIME.json beside the config].",
+)
+@click.option(
+    "--revert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="BACKUP",
+    help="Put back the integrations saved by an --apply.",
+)
+@click.option(
+    "--url",
+    envvar="GATEWAY_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The gateway as the helpdesk reaches it [env: GATEWAY_URL].",
+)
+def import_gorgias(
+    file: Path | None,
+    account: str | None,
+    out: Path | None,
+    env_file: Path | None,
+    modes: tuple[str, ...],
+    as_json: bool,
+    apply: bool,
+    reactivate: bool,
+    backup: Path | None,
+    revert: Path | None,
+    url: str,
+) -> None:
+    """Move Gorgias HTTP integrations behind the gateway: from FILE (a saved answer of
+    GET /api/integrations?type=http) or --account; writes the config entries and an env file of
+    secrets, and with --apply points each integration at the gateway."""
+    from gateway.errors import ImportRefused
+    from gateway.importers import gorgias
+
+    try:
+        if revert is not None:
+            if file is not None or apply or reactivate or modes:
+                raise ImportRefused("--revert BACKUP takes only --account (and --json)")
+            base, done = gorgias.run_revert(revert, account)
+            if as_json:
+                click.echo(orjson.dumps({"account": base, "reverted": done}, option=orjson.OPT_INDENT_2))
+            else:
+                click.echo(f"put back {len(done)} integration(s) in {base}: {', '.join(done) or 'none'}")
+            return
+        config_path = out or Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+        report = gorgias.run_import(
+            document=file,
+            account=account,
+            config_path=config_path,
+            env_file=env_file,
+            backup=backup,
+            modes=modes,
+            apply=apply,
+            reactivate=reactivate,
+            gateway_url=url.rstrip("/"),
+        )
+    except ImportRefused as exc:
+        raise client.Refused(str(exc)) from None
+    if as_json:
+        click.echo(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2))
+        return
+    for line in report.lines():
+        click.echo(line)
+    if report.entries and gorgias.loopback(url):
+        click.echo(
+            f"note: {url} is a loopback address; set GATEWAY_URL to where Gorgias reaches the gateway",
+            err=True,
+        )

@@ -4,6 +4,8 @@ GatewayError
  ├── ConfigError            a config file or the environment is wrong; the process refuses to start
  ├── StoreUnavailable       Redis did not answer in time; ingress answers 503
  ├── BlockedTarget          the SSRF guard refused a target's address; the attempt is dead
+ ├── ImportRefused          `gateway import`: a bad document, the helpdesk's refusal, a clash;
+ │                          nothing was written (or what was is named, with how to undo it)
  └── HTTPError              turned into a JSON error answer (see `gateway.app`)
       ├── InternalError     500, a bug: logged with its traceback, never shown to the client
       ├── BadRequest        400, e.g. a path after /hooks/{name} with dot segments
@@ -46,6 +48,10 @@ class StoreUnavailable(GatewayError):
 
 class BlockedTarget(GatewayError):
     """The target resolves only to addresses outside what the SSRF guard allows."""
+
+
+class ImportRefused(GatewayError):
+    """`gateway import` stops: the message is one sentence for the operator, shown as is."""
 
 
 def error_json(code: str, detail: str) -> bytes:

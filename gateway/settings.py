@@ -4,6 +4,9 @@ The config is validated by pydantic; any error is raised as a `ConfigError` that
 the field and the reason. `${NAME}` inside a string value is replaced by the environment variable
 NAME; a variable that is not set is an error, so a secret never silently becomes empty.
 `${NAME:-default}` takes the default when NAME is unset or empty (the demo's port, say).
+`[gateway] env_files` names files of `NAME=value` lines (read with python-dotenv, relative to the
+config's folder) whose variables count as set too, below the process environment: `gateway import
+gorgias` writes the helpdesk's credentials into one, so they stay out of the TOML.
 """
 
 from __future__ import annotations
@@ -300,6 +303,8 @@ class Alert(_Model):
 
 
 class GatewaySection(_Model):
+    # Files of NAME=value lines for ${NAME} (read before the rest is validated; see parse_config).
+    env_files: list[str] = []
     # "sealed": credential headers are encrypted at rest under GATEWAY_SECRET_KEY, and `serve` and
     # `worker` refuse to start without it; "plain" keeps them in clear, on purpose.
     store_credentials: Literal["sealed", "plain"] = "sealed"
@@ -469,7 +474,7 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
     in_query: dict[str, list[str]] = {}
-    expanded = _expand(raw, "", env, source, in_query)
+    expanded = _expand(raw, "", _with_env_files(raw, source, env), source, in_query)
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
@@ -479,6 +484,32 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     for n, integration in enumerate(config.integrations):
         integration._url_secrets = tuple(in_query.get(f"integrations[{n}].target", ()))
     return config
+
+
+def _with_env_files(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` and, below it, the variables of `[gateway] env_files` (the process environment wins,
+    as with python-dotenv's default): a missing or unreadable file is an error, never a silently
+    empty secret."""
+    section = raw.get("gateway")
+    names = section.get("env_files") if isinstance(section, dict) else None
+    if not names:
+        return env
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(source, "gateway.env_files", "must be a list of file names")
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    for n, name in enumerate(names):
+        path = Path(source).parent / name
+        field = f"gateway.env_files[{n}]"
+        if not path.is_file():
+            raise ConfigError(source, field, f"{path}: file not found")
+        try:
+            values = dotenv_values(path, interpolate=False, encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, field, f"{path} cannot be read: {exc}") from None
+        merged.update({k: v for k, v in values.items() if v is not None})
+    return {**merged, **env}
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
