@@ -259,10 +259,9 @@ def run_revert(backup: Path, account: str | None) -> tuple[str, list[str]]:
     done: list[str] = []
     with GorgiasAPI.from_env(base) as api:
         for source in originals:
-            body = {
-                "http": source.raw["http"],
-                "deactivated_datetime": source.raw.get("deactivated_datetime"),
-            }
+            body = {"http": source.raw["http"]}
+            if "deactivated_datetime" in source.raw:  # --reactivate cleared it: it comes back too
+                body["deactivated_datetime"] = source.raw["deactivated_datetime"]
             try:
                 api.update(source.id, body)
             except ImportRefused as exc:

@@ -98,7 +98,7 @@ class Entry:
         http["url"] = self.new_url(gateway_url)
         http["headers"] = {**self.kept_headers, TOKEN_HEADER: token}
         body: dict[str, Any] = {"http": http}
-        if reactivate:
+        if reactivate and self.source.deactivated:
             body["deactivated_datetime"] = None
         return body
 
