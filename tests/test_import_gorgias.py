@@ -441,6 +441,7 @@ def _apply_end_to_end(tmp_path: Path, gorgias: FakeGorgias, gw: Gateway, upstrea
     refused = run(["--account", gorgias.url, "--apply"], env)
     assert refused.exit_code == 1
     assert f"cannot reach the gateway at {gw.url}" in refused.stderr
+    assert f"this run wrote {gw.config_path} and {tmp_path / 'gorgias.env'}" in refused.stderr
     assert gorgias.puts == [] and not list(tmp_path.glob("gorgias-backup-*"))
     written = gw.config_path.read_text()
     assert "GORGIAS_101_TOKEN" in written

@@ -80,7 +80,7 @@ class Report:
         env_hint = f" (in {self.env_file})" if self.env_file else ""
         for e in self.entries:
             source = e.source
-            state = " already in the config" if e.existing else ""
+            state = ", already in the config" if e.existing else ""
             out.append(f"{e.name}  {e.mode}  <- Gorgias {source.label}, {source.method}{state}")
             out.append(f"  old URL  {source.url}")
             out.append(f"  new URL  {e.new_url(self.gateway_url)}")
@@ -167,7 +167,15 @@ def run_import(
             files.write_import(config, config.merged(entries, env_path), env_path, values)
             report.env_file = env_path
         if apply and api is not None and entries:
-            _apply(api, report, backup or _backup_path(config_path), reactivate)
+            try:
+                _apply(api, report, backup or _backup_path(config_path), reactivate)
+            except ImportRefused as exc:
+                if report.env_file is None:
+                    raise
+                raise ImportRefused(
+                    f"{exc} (this run wrote {config_path} and {report.env_file}: once the gateway "
+                    "has loaded them, run the same command again)"
+                ) from None
         return report
     finally:
         if api is not None:
