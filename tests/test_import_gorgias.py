@@ -8,6 +8,7 @@ test run the real `gateway serve` and `gateway worker` on the produced config an
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import tomllib
@@ -44,6 +45,11 @@ max_body_bytes = 1048576  # 1 MiB, on purpose
 [[integrations]]
 name = "billing"  # written by hand
 target = "https://billing.example.com/api"
+[integrations.retry]
+max_attempts = 3
+
+[worker]
+concurrency = 10  # kept after the array of integrations
 """
 
 
@@ -173,6 +179,9 @@ def test_import_from_a_saved_page(folder: Path) -> None:
     assert entries["crm-sidebar-2"]["target"] == "https://crm.example.com/forms/submit"
     assert "headers" not in entries["crm-sidebar-2"]
     assert set(entries) == {"billing", "crm-sidebar", "create-task", "crm-sidebar-2"}
+    assert entries["billing"]["retry"] == {"max_attempts": 3}
+    assert raw["worker"] == {"concurrency": 10}
+    assert "concurrency = 10  # kept after the array of integrations" in text
 
     env_file = folder / "gorgias.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -284,6 +293,7 @@ def test_retry_after_is_honoured_up_to_a_cap(gorgias: FakeGorgias) -> None:
         ("fails_check", "the merged config would not pass check-config"),
         ("apply_from_file", "--apply needs --account"),
         ("reactivate_alone", "--reactivate goes with --apply"),
+        ("bad_gateway_url", "GATEWAY_URL 'gw.example.com' is not a base URL"),
     ],
 )
 def test_refusals_are_one_line_and_change_nothing(
@@ -329,6 +339,8 @@ def test_refusals_are_one_line_and_change_nothing(
         args.append("--apply")
     elif setup == "reactivate_alone":
         args.append("--reactivate")
+    elif setup == "bad_gateway_url":
+        env["GATEWAY_URL"] = "gw.example.com"
     before = snapshot(folder)
 
     result = run(args, env)
@@ -413,10 +425,12 @@ def test_env_file_values_come_back_byte_for_byte(tmp_path: Path) -> None:
     assert dotenv_values(path, interpolate=False) == values
 
 
-def render(url: str, email: str, ticket_id: int) -> str:
-    """The URL as Gorgias calls it: each variable's value percent-encoded into its place."""
-    return url.replace("{{ticket.customer.email}}", quote(email, safe="")).replace(
-        "{{ticket.id}}", str(ticket_id)
+def render(text: str, encoded: bool) -> str:
+    """A URL or header as Gorgias sends it: each variable's value in its place, percent-encoded
+    (as Gorgias does in URLs) or as it is (the importer must not depend on which)."""
+    email = "ann+1@example.com"
+    return text.replace("{{ticket.customer.email}}", quote(email, safe="") if encoded else email).replace(
+        "{{ticket.id}}", "7"
     )
 
 
@@ -473,8 +487,7 @@ def _apply_end_to_end(tmp_path: Path, gorgias: FakeGorgias, gw: Gateway, upstrea
     assert task["http"]["form"] == {"subject": "{{ticket.subject}}"}
 
     # What Gorgias sends, rendered, reaches the endpoint as the original URL's request did.
-    email = "ann+1@example.com"
-    for source, now, body, content_type in [
+    cases = [
         (originals[101], crm, b"", "application/json"),
         (originals[102], task, b'{"subject":"Refund"}', "application/json"),
         (
@@ -483,26 +496,29 @@ def _apply_end_to_end(tmp_path: Path, gorgias: FakeGorgias, gw: Gateway, upstrea
             b"subject=Refund&email=ann%2B1%40example.com",
             "application/x-www-form-urlencoded",
         ),
-    ]:
-        sent = {
-            "content-type": content_type,
-            **{k: render(v, email, 7) for k, v in source["http"]["headers"].items()},
-        }
+    ]
+    for (source, now, body, content_type), encoded in itertools.product(cases, (True, False)):
         count = upstream.count()
+        sent = {k: render(v, encoded) for k, v in source["http"]["headers"].items()}
         httpx.request(
-            source["http"]["method"], render(source["http"]["url"], email, 7), headers=sent, content=body
+            source["http"]["method"],
+            render(source["http"]["url"], encoded),
+            headers={"content-type": content_type, **sent},
+            content=body,
         )
         direct = upstream.wait_for(count + 1)[-1]
-        via = {
-            "content-type": content_type,
-            **{k: render(v, email, 7) for k, v in now["http"]["headers"].items()},
-        }
+        via = {k: render(v, encoded) for k, v in now["http"]["headers"].items()}
         answer = httpx.request(
-            now["http"]["method"], render(now["http"]["url"], email, 7), headers=via, content=body
+            now["http"]["method"],
+            render(now["http"]["url"], encoded),
+            headers={"content-type": content_type, **via},
+            content=body,
         )
         assert answer.status_code in (200, 202), answer.text
         relayed = upstream.wait_for(count + 2)[-1]
         assert (relayed.method, relayed.path_qs, relayed.body) == (direct.method, direct.path_qs, direct.body)
+        if "{{ticket.customer.email}}" in source["http"]["url"]:
+            assert ("ann%2B1%40example.com" if encoded else "ann+1@example.com") in relayed.path_qs
         for header in ("content-type", *(h.lower() for h in source["http"]["headers"])):
             assert relayed.headers.get(header) == direct.headers.get(header), header
         assert "x-gateway-token" not in relayed.headers

@@ -76,13 +76,31 @@ class ConfigFile:
                 document.add("integrations", aot)
             if not isinstance(aot, AoT):
                 raise ImportRefused(f"{self.path}: integrations is not a list of [[integrations]] tables")
+            # tomlkit puts blank lines between the tables of an array that ends the file, but
+            # not before a table that follows it: then each new table ends with one of its own.
+            keys = [key for key, _ in document.body if key is not None]
+            spaced = bool(keys) and keys[-1] != "integrations"
             for entry in new:
-                table = tomlkit.table()
-                table.add(tomlkit.comment(f"from Gorgias integration {entry.source.label}"))
-                for key, value in entry.table().items():
-                    table.add(key, value)
-                aot.append(table)
+                aot.append(_table(entry, spaced))
         return tomlkit.dumps(document)
+
+
+def _table(entry: Entry, spaced: bool) -> Table:
+    """One [[integrations]] table, with where it came from (and a blank line after it)."""
+    table = tomlkit.table()
+    table.add(tomlkit.comment(f"from Gorgias integration {entry.source.label}"))
+    last = table
+    for key, value in entry.table().items():
+        if isinstance(value, dict):
+            last = tomlkit.table()
+            for name, item in value.items():
+                last.add(name, item)
+            table.add(key, last)
+        else:
+            table.add(key, value)
+    if spaced:
+        last.add(tomlkit.nl())
+    return table
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -125,7 +143,10 @@ def write_atomic(path: Path, text: str) -> None:
     """Replaces `path` at once (temp file + rename), keeping its mode."""
     folder = path.parent
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise ImportRefused(f"cannot write beside {path}: {exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)

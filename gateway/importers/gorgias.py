@@ -151,6 +151,12 @@ def run_import(
         raise ImportRefused("--reactivate goes with --apply (without it nothing is sent to Gorgias)")
     if apply and account is None:
         raise ImportRefused("--apply needs --account (the helpdesk whose integrations it updates)")
+    parts = urlsplit(gateway_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ImportRefused(
+            f"GATEWAY_URL {gateway_url!r} is not a base URL such as https://gw.example.com: "
+            "set it to where the helpdesk reaches the gateway"
+        )
     wanted = mapping.parse_modes(modes)
     config = files.ConfigFile(config_path)
     api = GorgiasAPI.from_env(account) if account is not None else None
@@ -217,7 +223,7 @@ def check_gateway(gateway_url: str, names: list[str]) -> None:
             url = f"{base}/hooks/{name}"
             try:
                 status = client.post(url, content=b"").status_code
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise ImportRefused(
                     f"cannot reach the gateway at {base} ({type(exc).__name__}); nothing was sent to "
                     "Gorgias: start it, or set GATEWAY_URL to where the helpdesk reaches it"

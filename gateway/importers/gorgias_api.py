@@ -102,7 +102,7 @@ class GorgiasAPI:
         for _ in range(self._max_retries + 1):
             try:
                 response = self._client.request(method, url, **kwargs)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise ImportRefused(
                     f"cannot reach {self.base} ({type(exc).__name__}: {exc}); is --account right?"
                 ) from None
