@@ -294,6 +294,8 @@ def test_retry_after_is_honoured_up_to_a_cap(gorgias: FakeGorgias) -> None:
         ("apply_from_file", "--apply needs --account"),
         ("reactivate_alone", "--reactivate goes with --apply"),
         ("bad_gateway_url", "GATEWAY_URL 'gw.example.com' is not a base URL"),
+        ("no_input", "give a saved answer of GET /api/integrations?type=http (FILE) or --account URL"),
+        ("two_inputs", "(FILE) or --account URL, not both"),
     ],
 )
 def test_refusals_are_one_line_and_change_nothing(
@@ -341,6 +343,10 @@ def test_refusals_are_one_line_and_change_nothing(
         args.append("--reactivate")
     elif setup == "bad_gateway_url":
         env["GATEWAY_URL"] = "gw.example.com"
+    elif setup == "no_input":
+        args = args[2:]
+    elif setup == "two_inputs":
+        args.insert(0, str(saved_answer(folder, items)))
     before = snapshot(folder)
 
     result = run(args, env)

@@ -145,8 +145,10 @@ def run_import(
     reactivate: bool,
     gateway_url: str,
 ) -> Report:
-    if (document is None) == (account is None):
+    if document is not None and account is not None:
         raise ImportRefused("give a saved Gorgias answer (FILE) or --account URL, not both")
+    if document is None and account is None:
+        raise ImportRefused("give a saved answer of GET /api/integrations?type=http (FILE) or --account URL")
     if reactivate and not apply:
         raise ImportRefused("--reactivate goes with --apply (without it nothing is sent to Gorgias)")
     if apply and account is None:
