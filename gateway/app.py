@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.admin import Admin
+from gateway.admin import Admin, Operations
 from gateway.alerts import Alerts
 from gateway.errors import HTTPError, error_json
 from gateway.health import Readiness
@@ -30,6 +30,7 @@ from gateway.proxy import Proxy
 from gateway.sealing import AtRest
 from gateway.settings import Settings
 from gateway.store import IngestBatcher, Store, redis_client
+from gateway.ui import Dashboard
 
 log = logging.getLogger("gateway.api")
 
@@ -90,7 +91,10 @@ def create_app(settings: Settings) -> GatewayApp:
     ingress = Ingress(config, batcher, proxy, refusals.add, at_rest)
     health = Readiness(store, config.gateway.store_timeout_s)
     metrics = Metrics(config, store)
-    admin = Admin(settings, store, alerts, proxy.forget_pause)
+    operations = Operations(settings, store, alerts, proxy.forget_pause)
+    admin = Admin(settings, operations)
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    dashboard = Dashboard(operations, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -112,6 +116,7 @@ def create_app(settings: Settings) -> GatewayApp:
         Route("/admin/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         *admin.routes(),
+        dashboard.mount(),
     ]
     api = Starlette(
         routes=routes,

@@ -86,7 +86,7 @@ def table(items: Sequence[T], columns: dict[str, Callable[[T], str]]) -> None:
 
 
 def _state(i: shapes.Integration) -> str:
-    state = i.state + (f" ({i.paused_by})" if i.paused_by else "")
+    state = "draining" if i.draining else i.state + (f" ({i.paused_by})" if i.paused_by else "")
     if i.waiting_until_ms:
         state += f", waits until {_when(i.waiting_until_ms)}: {i.wait_reason}"
     return state

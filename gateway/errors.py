@@ -13,6 +13,7 @@ GatewayError
       ├── Conflict          409, e.g. replaying an event that is not delivered or dead
       ├── NotFound          404, e.g. an unknown integration
       ├── Unauthorized      401, a missing or wrong inbound token
+      ├── Forbidden         403, a dashboard form sent without a session or with a wrong CSRF token
       ├── MethodNotAllowed  405, CONNECT and TRACE at /hooks
       ├── PayloadTooLarge   413, a body over `max_body_bytes`
       ├── ClientClosed      499 (never sent), the helpdesk hung up before its request was whole
@@ -106,6 +107,11 @@ class NotFound(HTTPError):
 class Unauthorized(HTTPError):
     status_code = 401
     code = "unauthorized"
+
+
+class Forbidden(HTTPError):
+    status_code = 403
+    code = "forbidden"
 
 
 class MethodNotAllowed(HTTPError):

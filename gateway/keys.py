@@ -49,6 +49,10 @@ Layout under a prefix P (default "gw"):
     P:m:alerts             hash   kind -> alerts sent;  P:m:refused: reason -> inbound refused
     P:m:wait               hash   integration|bucket -> attempts by time from due to claim
                                   (wait_sum: integration -> s)
+    P:mm:{minute}          hash   the dashboard's charts, per minute since the epoch (expires after
+                                  two hours): integration|d (attempts delivered), integration|f
+                                  (attempts failed), integration|l{bucket} (attempts by latency
+                                  bucket, LATENCY_BUCKETS); only attempts that called the endpoint
     P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
     P:px:{integration}:{hash}  string  proxy mode: the last good answer to one request (JSON head:
                                   status, headers, stored ms; "\n"; body), expiring after the
@@ -77,6 +81,8 @@ which costs Redis less than three PEXPIREs per event on the delivery path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MINUTES_KEPT_S = 2 * 3600  # the dashboard charts the last hour; a minute's figures live two hours
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class Keys:
     def metric(self, name: str) -> str:
         return f"{self.prefix}:m:{name}"
 
+    def minute(self, minute: str) -> str:
+        return f"{self.prefix}:mm:{minute}"
+
     def replay(self, replay_id: str) -> str:
         return f"{self.prefix}:replay:{replay_id}"
 
@@ -183,6 +192,7 @@ _LUA_FUNCTIONS = [
     ("pxs_key", "proxy_sizes", ("integ",)),
     ("probe_key", "probe_request", ("integ",)),
     ("metric_key", "metric", ("name",)),
+    ("minute_key", "minute", ("m",)),
 ]
 LUA_NAMES = [
     ("READY", "ready"),
@@ -224,6 +234,7 @@ def _lua_keys() -> str:
 # (index moves, metrics, health) is grouped into one command per batch and key.
 _PRELUDE = (
     _lua_keys()
+    + f"\nlocal MINUTES_KEPT_S = {MINUTES_KEPT_S}"
     + """
 -- Many values in two arguments (redis-py packs each argument in Python, which cost more than the
 -- script's work per event): `lengths` lists their byte lengths, comma-separated, and `data` holds
@@ -394,6 +405,18 @@ local function tally_write(key, counts, float)
       redis.call('HINCRBY', key, field, n)
     end
   end
+end
+-- The dashboard's per-minute figures of a batch (see P:mm), in this minute's hash, kept two hours.
+local function per_minute(now, counts)
+  if next(counts) == nil then return end
+  local key = minute_key(string.format('%d', math.floor(now / 60000)))
+  tally_write(key, counts)
+  redis.call('EXPIRE', key, MINUTES_KEPT_S)
+end
+-- An attempt that called the endpoint, counted for the charts: delivered or failed, and its latency.
+local function tally_minute(minutes, integ, delivered, bucket)
+  tally(minutes, integ .. (delivered and '|d' or '|f'))
+  tally(minutes, integ .. '|l' .. bucket)
 end
 """
 )
@@ -632,7 +655,7 @@ local now = tonumber(ARGV[2])
 local items = cjson.decode(ARGV[3])
 local health, out = {}, {}
 local leases, removed, added, due, attempts, latency, latency_sum = {}, {}, {}, {}, {}, {}, {}
-local waited, waited_sum = {}, {}
+local waited, waited_sum, minutes = {}, {}, {}
 for k, item in ipairs(items) do
   local id, n, outcome = item[1], item[2], item[3]
   local f = redis.call('HMGET', ev(id), 's', 'n', 'i', 't')
@@ -660,6 +683,7 @@ for k, item in ipairs(items) do
     if item[11] ~= '' then
       tally(latency, integ .. '|' .. item[11])
       tally(latency_sum, integ, tonumber(item[12]))
+      tally_minute(minutes, integ, outcome == 'delivered', item[11])
     end
     if item[13] ~= '' then
       tally(waited, integ .. '|' .. item[13])
@@ -712,6 +736,7 @@ tally_write(metric_key('wait_sum'), waited_sum, true)
 tally_write(metric_key('attempts'), attempts)
 tally_write(metric_key('latency'), latency)
 tally_write(metric_key('latency_sum'), latency_sum, true)
+per_minute(now, minutes)
 return out
 """
 )
@@ -738,7 +763,7 @@ local now = tonumber(ARGV[2])
 local items = cjson.decode(ARGV[3])
 local health, out, strings, added, due, last = {}, {}, {}, {}, {}, {}
 local attempts, latency, latency_sum, answers, answer_latency, answer_sum = {}, {}, {}, {}, {}, {}
-local copied = {}
+local copied, minutes = {}, {}
 local take = fields(ARGV[4], ARGV[5])
 for k, item in ipairs(items) do
   local id, integ, state = item[1], item[2], item[3]
@@ -768,6 +793,7 @@ for k, item in ipairs(items) do
     tally(attempts, integ .. '|' .. state)
     tally(latency, integ .. '|' .. item[10])
     tally(latency_sum, integ, tonumber(item[11]))
+    tally_minute(minutes, integ, state == 'delivered', item[10])
   end
   tally(answers, integ .. '|' .. item[12])
   tally(answer_latency, integ .. '|' .. item[13])
@@ -794,6 +820,7 @@ tally_write(metric_key('latency_sum'), latency_sum, true)
 tally_write(metric_key('proxy'), answers)
 tally_write(metric_key('proxy_latency'), answer_latency)
 tally_write(metric_key('proxy_latency_sum'), answer_sum, true)
+per_minute(now, minutes)
 for integ, limit in pairs(copied) do prune_copies(integ, now, limit) end
 return out
 """

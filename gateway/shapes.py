@@ -105,6 +105,7 @@ class Integration(Shape):
     target: str
     state: Literal["active", "paused"]
     paused_by: Literal["operator", "failures"] | None
+    draining: bool = Field(description="resumed, and still sending the events it held, in arrival order")
     consecutive_failures: Count
     failure_threshold: int
     held: Count
@@ -123,6 +124,15 @@ class Integration(Shape):
         description="the endpoint asked it to wait until then (429/503 with Retry-After)"
     )
     wait_reason: str | None
+
+
+class Activity(Shape):
+    """An integration's attempts per minute over the last hour (oldest first), for the dashboard."""
+
+    delivered: list[Count] = Field(description="attempts delivered, per minute")
+    failed: list[Count] = Field(description="attempts that failed, per minute")
+    p50_ms: float | None = Field(description="median latency over the hour: the upper bound of its bucket")
+    p95_ms: float | None = Field(description="95th percentile latency: the upper bound of its bucket")
 
 
 class IntegrationList(Shape):

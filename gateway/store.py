@@ -612,6 +612,16 @@ class Store:
             replies: list[Any] = await pipe.execute()
         return replies
 
+    async def minutes(self, now: int, count: int) -> list[dict[str, int]]:
+        """The dashboard's per-minute figures (P:mm) of the last `count` minutes, oldest first:
+        per minute, field (integration|d, |f, |l{bucket}) -> attempts."""
+        last = now // 60_000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for minute in range(last - count + 1, last + 1):
+                pipe.hgetall(self.keys.minute(str(minute)))
+            replies: list[dict[bytes, bytes]] = await pipe.execute()
+        return [{k.decode(): int(v) for k, v in reply.items()} for reply in replies]
+
     # Locks (a drain, a bulk replay: one worker at a time)
 
     async def renew(self, lock: Lock) -> None:
