@@ -3,7 +3,7 @@ its baseline measured in the same run and its target.
 
     python3 -m benchmarks [--only PART,PART...] [--quick] [--write]
 
-  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak
+  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak, ui
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -28,6 +28,8 @@ this process, separate from the gateway's). The parts, each also runnable alone:
   attack    benchmarks/attack.py    p99 of the helpdesk's POSTs at 300/s under 1,100 slow connections
                                     and 64 MiB headers / alone (the API under `ulimit -n 1024`)
   soak      benchmarks/soak.py      RSS of the API and of a worker over 10 min at 200 events/s
+  ui        benchmarks/ui.py        server time of the dashboard's pages with 100,000 events / the
+                                    admin API's JSON of the same data
 
 The full run takes about 22 minutes; `--quick` (small counts, short durations, a 1-minute soak)
 takes about 2 and is a smoke test of the whole suite, not a measurement. Each part prints its own
@@ -58,7 +60,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import attack, delivery, drain, fairness, idle, ingest, latency, proxy, soak
+from benchmarks import attack, delivery, drain, fairness, idle, ingest, latency, proxy, soak, ui
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
 
 
@@ -95,6 +97,7 @@ PARTS: dict[str, Part] = {
     ),
     "attack": Part(attack.parser, attack.run, [], ["--seconds", "3", "--slow", "300", "--ramp", "1"]),
     "soak": Part(soak.parser, soak.run, ["--minutes", "10"], ["--minutes", "1"]),
+    "ui": Part(ui.parser, ui.run, [], ["--events", "5000", "--requests", "30", "--warmup", "3"]),
 }
 RESULTS = BENCHMARKS / "RESULTS.md"
 SECTION = "## Suite (`python3 -m benchmarks`)"

@@ -103,15 +103,15 @@ class Operations:
         """Per integration: delivered and failed attempts per minute, and latency p50/p95, from the
         per-minute figures the scripts keep (so the dashboard charts without Prometheus)."""
         per_minute = await self._store.minutes(now_ms(), minutes)
+        indexes = range(len(LATENCY_BUCKETS) + 1)
         out = {}
         for name in self.names:
-            buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-            for counts in per_minute:
-                for index in range(len(buckets)):
-                    buckets[index] += counts.get(f"{name}|l{index}", 0)
+            delivered = [[m.get(f"{name}|d{b}", 0) for b in indexes] for m in per_minute]
+            failed = [[m.get(f"{name}|f{b}", 0) for b in indexes] for m in per_minute]
+            buckets = [sum(d[b] + f[b] for d, f in zip(delivered, failed, strict=True)) for b in indexes]
             out[name] = shapes.Activity(
-                delivered=[m.get(f"{name}|d", 0) for m in per_minute],
-                failed=[m.get(f"{name}|f", 0) for m in per_minute],
+                delivered=[sum(d) for d in delivered],
+                failed=[sum(f) for f in failed],
                 p50_ms=_quantile_ms(buckets, 0.5),
                 p95_ms=_quantile_ms(buckets, 0.95),
             )

@@ -50,9 +50,9 @@ Layout under a prefix P (default "gw"):
     P:m:wait               hash   integration|bucket -> attempts by time from due to claim
                                   (wait_sum: integration -> s)
     P:mm:{minute}          hash   the dashboard's charts, per minute since the epoch (expires after
-                                  two hours): integration|d (attempts delivered), integration|f
-                                  (attempts failed), integration|l{bucket} (attempts by latency
-                                  bucket, LATENCY_BUCKETS); only attempts that called the endpoint
+                                  two hours): integration|d{bucket} (attempts delivered) and
+                                  integration|f{bucket} (attempts failed), by latency bucket (the
+                                  index in LATENCY_BUCKETS); only attempts that called the endpoint
     P:replay-idem:{key}    string the bulk replay started with that Idempotency-Key
     P:px:{integration}:{hash}  string  proxy mode: the last good answer to one request (JSON head:
                                   status, headers, stored ms; "\n"; body), expiring after the
@@ -413,10 +413,10 @@ local function per_minute(now, counts)
   tally_write(key, counts)
   redis.call('EXPIRE', key, MINUTES_KEPT_S)
 end
--- An attempt that called the endpoint, counted for the charts: delivered or failed, and its latency.
+-- An attempt that called the endpoint, counted for the charts: delivered or failed, by latency
+-- bucket (one field, so one HINCRBY per batch and field).
 local function tally_minute(minutes, integ, delivered, bucket)
-  tally(minutes, integ .. (delivered and '|d' or '|f'))
-  tally(minutes, integ .. '|l' .. bucket)
+  tally(minutes, integ .. (delivered and '|d' or '|f') .. bucket)
 end
 """
 )

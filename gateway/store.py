@@ -614,7 +614,7 @@ class Store:
 
     async def minutes(self, now: int, count: int) -> list[dict[str, int]]:
         """The dashboard's per-minute figures (P:mm) of the last `count` minutes, oldest first:
-        per minute, field (integration|d, |f, |l{bucket}) -> attempts."""
+        per minute, field (integration|d{bucket}, integration|f{bucket}) -> attempts."""
         last = now // 60_000
         async with self.redis.pipeline(transaction=False) as pipe:
             for minute in range(last - count + 1, last + 1):
