@@ -20,6 +20,7 @@ import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.app import GatewayApp, create_app
+from gateway.keys import MINUTES_KEPT_S
 from gateway.settings import Settings
 from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
@@ -164,6 +165,9 @@ def test_an_operator_logs_in_filters_replays_pauses_resumes_and_logs_out(
     wait_until(lambda: all(event_record(rdb, i)["s"] == "delivered" for i in others), timeout=15)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Overview").click()
     expect(crm.locator("figcaption")).to_contain_text("3 delivered, 3 failed")
+    # the chart's counters live in Redis for a bounded time
+    minutes = cast(list[bytes], rdb.keys(KEYS.minute("*")))
+    assert minutes and all(0 < cast(int, rdb.ttl(k)) <= MINUTES_KEPT_S for k in minutes)
 
     # Log out: the session is gone, a page sends the browser back to the login form.
     page.get_by_role("button", name="Log out").click()

@@ -123,9 +123,11 @@ def sparkline(activity: shapes.Activity, width: int = 240, height: int = 40) -> 
             y = height - hd - hf
             bars.append(f'<rect class="bad" x="{x}" y="{y:.1f}" width="{w}" height="{hf:.1f}"/>')
     total_d, total_f = sum(activity.delivered), sum(activity.failed)
-    label = f"last hour, per minute: {total_d} attempts delivered, {total_f} failed (most in a minute: {top})"
+    label = f"last hour, per minute: {total_d} attempts delivered, {total_f} failed"
+    if total_d + total_f:
+        label += f" (most in one minute: {top})"
     return Markup(
-        f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'<svg class="spark" viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
         f'role="img" aria-label="{label}"><title>{label}</title>'
         f'<line class="axis" x1="0" y1="{height - 0.5}" x2="{width}" y2="{height - 0.5}"/>'
         + "".join(bars)
