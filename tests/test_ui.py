@@ -20,8 +20,11 @@ import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gateway.app import GatewayApp, create_app
+from gateway.events import EventState, now_ms
 from gateway.keys import MINUTES_KEPT_S
 from gateway.settings import Settings
+from gateway.shapes import ReplayFilter
+from gateway.store import Store, redis_client
 from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
@@ -312,3 +315,38 @@ async def _bad_input(app: GatewayApp) -> None:
             missing = await client.get(path)
             assert missing.status_code == 404, path
             assert missing.headers["content-type"].startswith("text/html")
+
+
+def test_a_running_bulk_replay_is_cancelled_after_a_confirmation(redis_url: str, tmp_path: Path) -> None:
+    in_process(redis_url, tmp_path, lambda app: _cancel(app, redis_url))
+
+
+async def _cancel(app: GatewayApp, redis_url: str) -> None:
+    store = Store(redis_client(redis_url), KEYS.prefix)
+    selection = ReplayFilter(integration="crm", state=EventState.DEAD, since=None, until=None)
+    job = {"status": "running", "matched": 2, "replayed": 1, "skipped": 0, "created_ms": now_ms()}
+    await store.create_replay("r1", [b"a", b"b"], job | {"filter": selection.model_dump_json()}, 60)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        await client.post("/ui/login", data={"token": TOKEN})
+        shown = await client.get("/ui/replays/r1")
+        assert 'id="replay-status">running' in shown.text and "1 of 2 done" in shown.text
+        assert 'hx-trigger="every' in shown.text  # it follows the replay while it runs
+        confirm = await client.get("/ui/replays/r1/cancel")
+        assert "Cancel this bulk replay?" in confirm.text
+        assert (await store.replay_job("r1") or {})["status"] == b"running"  # asking changed nothing
+        csrf = re.search(r'name="csrf" value="([^"]+)"', confirm.text)
+        assert csrf
+        done = await client.post("/ui/replays/r1/cancel", data={"csrf": csrf.group(1)})
+        assert (done.status_code, done.headers["location"]) == (303, "/ui/replays/r1?done=cancelled")
+        assert (await store.replay_job("r1") or {})["status"] == b"cancelled"
+        after = await client.get(done.headers["location"])
+        assert "The bulk replay is cancelled" in after.text and 'id="replay-status">cancelled' in after.text
+        assert 'hx-trigger="every' not in after.text
+
+        # An integration that drains its held events says so, in words.
+        await store.redis.hset(  # type: ignore[misc]
+            KEYS.integration("crm"), mapping={"state": "active", "draining": "1"}
+        )
+        overview = await client.get("/ui/")
+        assert '<span class="tag state draining" data-state>draining held events</span>' in overview.text
+    await store.redis.aclose()
