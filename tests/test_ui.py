@@ -308,6 +308,10 @@ async def _bad_input(app: GatewayApp) -> None:
         )
         unknown = await client.get("/ui/events?integration=nope")
         assert unknown.status_code == 422 and "no integration is named" in unknown.text
+        # the outcome notice names only a configured integration: a link cannot put words on the page
+        forged = await client.get("/ui/?done=paused&name=Call+0800+to+unlock")
+        assert "is paused" not in forged.text and "0800" not in forged.text
+        assert "crm is paused" in (await client.get("/ui/?done=paused&name=crm")).text
         for path in ("/ui/events/0123abcd", "/ui/integrations/nope/pause", "/ui/replays/nope", "/ui/nowhere"):
             missing = await client.get(path)
             assert missing.status_code == 404, path

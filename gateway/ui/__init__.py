@@ -10,7 +10,6 @@ page that says what happened.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from datetime import UTC, datetime
@@ -35,8 +34,6 @@ from gateway.admin import Operations
 from gateway.errors import Forbidden, HTTPError, InvalidParameter
 from gateway.events import TERMINAL, EventState, now_ms
 from gateway.ui.session import Session, Sessions
-
-log = logging.getLogger("gateway.ui")
 
 HERE = Path(__file__).parent
 REFRESH_S = 5  # how often the overview refreshes itself
@@ -196,12 +193,14 @@ class Dashboard:
         self, request: Request, template: str, code: int = 200, session: Session | None = None, **ctx: Any
     ) -> Response:
         notice = NOTICES.get(request.query_params.get("done", ""), "")
+        name = request.query_params.get("name", "")
+        if "{name}" in notice and name not in self.ops.names:
+            notice = ""  # the words are ours: a link cannot make the page say something else
         context = {
             "base": request.scope.get("root_path", ""),
             "session": session,
-            "notice": notice.format(name=request.query_params.get("name", "")),
+            "notice": notice.format(name=name),
             "now_ms": now_ms(),
-            "htmx": request.headers.get("hx-request") == "true",
             **ctx,
         }
         return self.templates.TemplateResponse(request, template, context, status_code=code)
