@@ -206,6 +206,7 @@ def run_dev(host: str, port: int, echo_port: int) -> int:
     print(
         f"\n  gateway API   http://{host}:{port}   (health: /healthz, /readyz)\n"
         f"  demo endpoint http://127.0.0.1:{echo_port}/echo\n"
+        f"  dashboard     http://{host}:{port}/ui   (log in with the admin token)\n"
         f"  admin token   export GATEWAY_ADMIN_TOKEN={env['GATEWAY_ADMIN_TOKEN']}   (gateway integrations)\n"
         + (
             f"  try: curl -i -X POST http://{host}:{port}/hooks/{demo} "
