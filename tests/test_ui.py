@@ -109,7 +109,7 @@ def test_an_operator_logs_in_filters_replays_pauses_resumes_and_logs_out(
     # The overview: every integration, its state in words, its dead events and the last hour's chart.
     crm = page.locator('article[data-integration="crm"]')
     expect(crm.locator("[data-state]")).to_have_text("active")
-    expect(crm.locator(".counts .has-dead dd")).to_have_text("3")
+    expect(crm.locator('[data-count="dead"] dd')).to_have_text("3")
     expect(crm.locator("figcaption")).to_contain_text("0 delivered, 3 failed")
     expect(crm.locator(".last-error")).to_contain_text("HTTP 500")
     expect(crm.get_by_role("img")).to_have_attribute("aria-label", re.compile("3 failed"))
@@ -171,6 +171,15 @@ def test_an_operator_logs_in_filters_replays_pauses_resumes_and_logs_out(
     # the chart's counters live in Redis for a bounded time
     minutes = cast(list[bytes], rdb.keys(KEYS.minute("*")))
     assert minutes and all(0 < cast(int, rdb.ttl(k)) <= MINUTES_KEPT_S for k in minutes)
+
+    # The overview refreshes itself: a new delivery and a proxied answer show up without a reload.
+    expect(crm.locator('[data-count="delivered_24h"] dd')).to_have_text("3")
+    erp = page.locator('article[data-integration="erp"]')
+    expect(erp.locator("figcaption")).to_contain_text("0 delivered, 0 failed")
+    gateway.post("/hooks/crm")
+    assert httpx.get(gateway.url + "/hooks/erp/customers/1", timeout=10).status_code == 200
+    expect(crm.locator('[data-count="delivered_24h"] dd')).to_have_text("4")
+    expect(erp.locator("figcaption")).to_contain_text("1 delivered, 0 failed")
 
     # Log out: the session is gone, a page sends the browser back to the login form.
     page.get_by_role("button", name="Log out").click()
