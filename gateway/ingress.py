@@ -60,7 +60,6 @@ DROPPED_HEADERS = frozenset(
 )
 log = logging.getLogger("gateway.ingress")
 PREFIX = b"/hooks/"
-TOKEN_PARAM = "token"
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 MAX_IDEMPOTENCY_KEY = 200  # longer keys are kept as their SHA-256: compared whole, stored short
@@ -234,17 +233,19 @@ def _check_token(integration: Integration, given: str | None, query: str) -> str
     expected = integration.inbound_token.get_secret_value().encode()
     # The query goes on byte for byte, less the token: it is cut out, never decoded and re-encoded
     # (which changed `;`, `%FF` and bare flags).
+    param = integration.inbound_token_param
     kept, tokens = [], []
-    for part in query.split("&"):
+    for part in query.split("&") if param else ():
         name, _, value = part.partition("=")
-        if unquote_plus(name) == TOKEN_PARAM:
+        if unquote_plus(name) == param:
             tokens.append(unquote_plus(value))
         else:
             kept.append(part)
     if given is None and tokens:
         given = tokens[0]
     if given is None or not hmac.compare_digest(given.encode(), expected):
-        raise Unauthorized("a valid X-Gateway-Token header or token parameter is required")
+        where = f" or {param} parameter" if param else " (the token parameter is off)"
+        raise Unauthorized(f"a valid X-Gateway-Token header{where} is required")
     return "&".join(kept) if tokens else query
 
 

@@ -44,6 +44,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the API listens, and the operator commands look
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 REDACTED = "[redacted]"
+DEFAULT_TOKEN_PARAM = "token"  # the query parameter that may carry an integration's inbound token
 MIN_SECRET = 4  # shorter values are not redacted: they would blank out ordinary text
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -179,6 +180,10 @@ class Integration(_Model):
     probe_cooldown_max_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 900.0
     drain_rate_per_s: Annotated[float, Field(gt=0, le=100000)] = 100.0
     inbound_token: SecretStr | None = None
+    # The query parameter that may carry the inbound token instead of X-Gateway-Token (it is cut
+    # out before the request goes on); "" for the header alone, when the endpoint takes a
+    # parameter of that name itself.
+    inbound_token_param: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.~-]{0,64}$")] = DEFAULT_TOKEN_PARAM
     inbound_signature: InboundSignature | None = None
     signing_secrets: list[SecretStr] = []
     headers: dict[str, SecretStr] = {}

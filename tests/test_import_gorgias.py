@@ -411,12 +411,22 @@ def test_target_is_the_longest_fixed_leading_path(url: str, target: str, rest: s
         ("https://{{ticket.via}}.example.com/x", "host has template variables"),
         ("ftp://a.example.com/x", r"not http\(s\)"),
         ("https://a.example.com/x#top", "fragment"),
-        ("https://a.example.com/x?token={{ticket.id}}", "`token` parameter"),
     ],
 )
 def test_urls_that_cannot_go_behind_the_gateway(url: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         mapping.split_url(url)
+
+
+def test_an_endpoint_that_takes_a_token_parameter_keeps_it() -> None:
+    """The gateway's own token then travels in the header alone (inbound_token_param = "")."""
+    crm = gorgias_integrations()[0]
+    with_token = {**crm, "http": {**crm["http"], "url": "https://a.example.com/x?token={{ticket.id}}&b=1"}}
+    (entry,), _ = mapping.plan(mapping.sources(with_token), {}, {}, GATEWAY_URL)
+    assert entry.rest == "?token={{ticket.id}}&b=1"
+    assert entry.table()["inbound_token_param"] == ""
+    (plain,), _ = mapping.plan(mapping.sources(crm), {}, {}, GATEWAY_URL)
+    assert "inbound_token_param" not in plain.table()
 
 
 def test_names_are_url_safe() -> None:

@@ -181,6 +181,23 @@ def test_a_wrong_token_is_refused(parts: list[str], wrong: str) -> None:
     assert refused.value.status_code == 401
 
 
+def test_the_token_parameter_can_be_renamed_or_turned_off() -> None:
+    """For an endpoint that takes a `token` parameter itself: inbound_token_param names another,
+    or "" leaves the query alone and takes the header only."""
+    off = _config(inbound_token=TOKEN, inbound_token_param="")
+    header = [(b"x-gateway-token", TOKEN.encode())]
+    _, request, _ = _receive(off, b"r", b"token=abc&b=1", header)
+    assert request.url == TARGET + "/r?token=abc&b=1"
+    with pytest.raises(HTTPError) as refused:
+        _receive(off, b"r", f"token={TOKEN}".encode())
+    assert refused.value.status_code == 401 and b"parameter is off" in refused.value.body
+    renamed = _config(inbound_token=TOKEN, inbound_token_param="gw_token")
+    _, request, _ = _receive(renamed, b"r", f"token=abc&gw_token={TOKEN}".encode())
+    assert request.url == TARGET + "/r?token=abc"
+    with pytest.raises(ConfigError, match="inbound_token_param"):
+        _config(inbound_token=TOKEN, inbound_token_param="a&b")
+
+
 # --- headers ----------------------------------------------------------------------------------
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.errors import ImportRefused
+from gateway.settings import DEFAULT_TOKEN_PARAM
 
 Mode = Literal["relay", "proxy"]
 MODES: tuple[Mode, ...] = ("relay", "proxy")
@@ -70,6 +71,13 @@ class Entry:
     def token_var(self) -> str:
         return token_var(self.source.id)
 
+    @property
+    def endpoint_takes_token_param(self) -> bool:
+        """The endpoint's own query has a `token` parameter, which the gateway would otherwise
+        take for its inbound token and cut out."""
+        query = urlsplit(self.rest).query
+        return DEFAULT_TOKEN_PARAM in (k for k, _ in parse_qsl(query, keep_blank_values=True))
+
     def new_url(self, gateway_url: str) -> str:
         return f"{gateway_url.rstrip('/')}/hooks/{self.name}{self.rest}"
 
@@ -87,6 +95,8 @@ class Entry:
             "mode": self.mode,
             "inbound_token": "${" + self.token_var + "}",
         }
+        if self.endpoint_takes_token_param:
+            entry["inbound_token_param"] = ""  # its `token` goes to the endpoint; ours in the header
         if self.header_vars:
             entry["headers"] = {header: "${" + var + "}" for header, var in self.header_vars.items()}
         return entry
@@ -185,10 +195,6 @@ def split_url(url: str) -> tuple[str, str]:
     rest = "/".join(segments[fixed:])
     rest = f"/{rest}" if fixed < len(segments) else ""
     if parts.query:
-        names = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
-        if "token" in names:
-            # The gateway takes a `token` parameter as its own inbound token and cuts it out.
-            raise ValueError("its query has a `token` parameter, which the gateway reserves")
         rest += f"?{parts.query}"
     return target, rest
 
