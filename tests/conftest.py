@@ -259,6 +259,12 @@ class Gateway:
     def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
         return httpx.post(self.url + path, content=content, timeout=10, **kwargs)
 
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, self.url + path, timeout=10, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
     def stop(self) -> None:
         for process in [*self.workers, self.api]:
             if process is not None and process.poll() is None:
@@ -367,6 +373,9 @@ class InProcessGateway(Gateway):
 
     def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
         return self.client.post(path, content=content, timeout=10, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.request(method, path, timeout=10, **kwargs)
 
     def stop(self) -> None:
         super().stop()

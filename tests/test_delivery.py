@@ -13,7 +13,14 @@ import redis
 from gateway.delivery import ErrorKind, Result, Verdict, backoff_s, decide, parse_retry_after
 from gateway.settings import RetryPolicy
 from gateway.signing import decode_secret, sign
-from tests.conftest import KEYS, Gateway, event_record, free_port, integration_toml, wait_until
+from tests.conftest import (
+    KEYS,
+    InProcessGateway,
+    event_record,
+    free_port,
+    integration_toml,
+    wait_until,
+)
 from tests.upstream import Reply, Upstream
 
 FAST_RETRY = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "max_attempts": 5}
@@ -81,7 +88,11 @@ def test_standard_webhooks_signature_vector() -> None:
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
-def test_timeout_is_retried(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_timeout_is_retried(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     upstream.script([Reply(delay_s=1.5), Reply(200)])
     gateway.configure(integration_toml("crm", upstream.url, timeout_s=0.3, retry=FAST_RETRY)).start()
     event_id = gateway.post("/hooks/crm").json()["id"]
@@ -93,7 +104,11 @@ def test_timeout_is_retried(gateway: Gateway, upstream: Upstream, rdb: redis.Red
     assert record["attempts"][0]["latency_ms"] < 1500
 
 
-def test_connection_refused_is_retried_until_endpoint_is_up(gateway: Gateway, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_connection_refused_is_retried_until_endpoint_is_up(
+    in_process_gateway: InProcessGateway, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     port = free_port()
     retry = {"backoff_base_s": 0.2, "backoff_max_s": 0.4, "max_attempts": 50}
     gateway.configure(integration_toml("crm", f"http://127.0.0.1:{port}/in", retry=retry)).start()
@@ -109,7 +124,11 @@ def test_connection_refused_is_retried_until_endpoint_is_up(gateway: Gateway, rd
         late.stop()
 
 
-def test_429_retry_after_is_honoured(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_429_retry_after_is_honoured(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     upstream.script([(429, {"Retry-After": "1"}), 200])
     retry = {"backoff_base_s": 0.01, "backoff_max_s": 30, "max_attempts": 5}
     gateway.configure(integration_toml("crm", upstream.url, retry=retry)).start()
@@ -121,9 +140,11 @@ def test_429_retry_after_is_honoured(gateway: Gateway, upstream: Upstream, rdb: 
     assert record["attempts"][0]["retry_in_s"] == 1
 
 
+@pytest.mark.in_process
 def test_loopback_target_is_blocked_without_allowed_networks(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url))
     text = gateway.config_path.read_text().replace(
         'allowed_networks = ["127.0.0.0/8"]', "allowed_networks = []"
@@ -136,7 +157,9 @@ def test_loopback_target_is_blocked_without_allowed_networks(
     assert upstream.count() == 0
 
 
-def test_signed_delivery_verifies(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_signed_delivery_verifies(in_process_gateway: InProcessGateway, upstream: Upstream) -> None:
+    gateway = in_process_gateway
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     old = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUE="
     gateway.configure(integration_toml("crm", upstream.url, signing_secrets=[secret, old])).start()
@@ -148,9 +171,11 @@ def test_signed_delivery_verifies(gateway: Gateway, upstream: Upstream) -> None:
     assert len(expected.split(" ")) == 2
 
 
+@pytest.mark.in_process
 def test_a_2xx_is_delivered_whatever_the_encoding_of_its_body(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     json_gz = gzip.compress(b'{"ok":"compressed"}')
     upstream.script(
         [

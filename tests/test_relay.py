@@ -1,10 +1,12 @@
-"""The relay end to end: the real API and worker processes, real Redis, a real upstream."""
+"""The relay end to end: real Redis, a real upstream, the real worker; the happy path through the real
+API process too, the rest through the API run in process."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 FAST_RETRY = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "max_attempts": 5}
@@ -37,26 +39,24 @@ def test_happy_path_relays_request_unchanged(gateway: Gateway, upstream: Upstrea
     assert record["attempts"][0]["outcome"] == "delivered"
 
 
-def test_other_methods_and_empty_body(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_other_methods_and_empty_body(in_process_gateway: InProcessGateway, upstream: Upstream) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url)).start()
-    import httpx
-
-    assert (
-        httpx.put(
-            gateway.url + "/hooks/crm/x", content=b"abc", headers={"content-type": "text/plain"}
-        ).status_code
-        == 202
-    )
-    assert httpx.delete(gateway.url + "/hooks/crm/y?z=1").status_code == 202
+    put = gateway.request("PUT", "/hooks/crm/x", content=b"abc", headers={"content-type": "text/plain"})
+    assert put.status_code == 202
+    assert gateway.request("DELETE", "/hooks/crm/y?z=1").status_code == 202
     got = sorted(upstream.wait_for(2), key=lambda r: r.method)
     assert [(r.method, r.path_qs, r.body) for r in got] == [("DELETE", "/y?z=1", b""), ("PUT", "/x", b"abc")]
     assert got[1].headers["content-type"] == "text/plain"
     assert "content-type" not in got[0].headers
 
 
+@pytest.mark.in_process
 def test_retries_500_until_success_with_same_webhook_id(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     upstream.script([500, 502, 200])
     gateway.configure(integration_toml("crm", upstream.url, retry=FAST_RETRY)).start()
     event_id = gateway.post("/hooks/crm").json()["id"]
@@ -70,7 +70,11 @@ def test_retries_500_until_success_with_same_webhook_id(
     ]
 
 
-def test_400_is_dead_after_one_attempt(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_400_is_dead_after_one_attempt(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     upstream.script([Reply(400, body=b'{"error":"bad ticket"}')])
     gateway.configure(integration_toml("crm", upstream.url, retry=FAST_RETRY)).start()
     event_id = gateway.post("/hooks/crm").json()["id"]
@@ -81,7 +85,11 @@ def test_400_is_dead_after_one_attempt(gateway: Gateway, upstream: Upstream, rdb
     assert upstream.count() == 1
 
 
-def test_exhausted_attempts_go_dead(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_exhausted_attempts_go_dead(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     upstream.script([503])
     gateway.configure(integration_toml("crm", upstream.url, retry=FAST_RETRY | {"max_attempts": 3})).start()
     event_id = gateway.post("/hooks/crm").json()["id"]
