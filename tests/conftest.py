@@ -260,7 +260,7 @@ class Gateway:
         return httpx.post(self.url + path, content=content, timeout=10, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, timeout=10, **kwargs)
+        return httpx.request(method, self.url + path, **{"timeout": 10, **kwargs})
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", path, **kwargs)
@@ -367,15 +367,20 @@ class InProcessGateway(Gateway):
         return self
 
     def start(self, workers: int = 1) -> Self:
+        """Starts the workers and the API, and returns once every worker is live: the real API's
+        own start-up gave them that time, and a test's first event should not wait for them."""
         for _ in range(workers):
             self.start_worker()
-        return self.start_api()
+        self.start_api()
+        if workers:
+            wait_until(lambda: self.get("/readyz").json().get("workers") == workers, timeout=15)
+        return self
 
     def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
         return self.client.post(path, content=content, timeout=10, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.request(method, path, timeout=10, **kwargs)
+        return self.client.request(method, path, **{"timeout": 10, **kwargs})
 
     def stop(self) -> None:
         super().stop()

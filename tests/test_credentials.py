@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import pytest
 import redis
 
@@ -19,7 +18,14 @@ from gateway.errors import ConfigError
 from gateway.keys import Keys
 from gateway.sealing import PREFIX, Sealer, Unsealable
 from gateway.settings import REDACTED, parse_config
-from tests.conftest import TEST_SECRET_KEY, Gateway, event_record, integration_toml, wait_until
+from tests.conftest import (
+    TEST_SECRET_KEY,
+    Gateway,
+    InProcessGateway,
+    event_record,
+    integration_toml,
+    wait_until,
+)
 from tests.upstream import Received, Reply, Upstream
 
 KEYS = Keys("gw")
@@ -58,7 +64,7 @@ def everything_in_redis(rdb: redis.Redis) -> bytes:
 
 
 def admin(gateway: Gateway, path: str) -> Any:
-    response = httpx.get(gateway.url + path, headers=AUTH, timeout=10)
+    response = gateway.get(path, headers=AUTH)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -79,9 +85,11 @@ def configure(gateway: Gateway, *integrations: str, gateway_section: str = "") -
     return gateway.configure(*integrations, gateway=section)
 
 
+@pytest.mark.in_process
 def test_credentials_are_sealed_in_redis_sent_in_clear_and_never_shown(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     configure(gateway, crm(upstream)).start_api()
     event_id = gateway.post(
         "/hooks/crm/tickets?email=a%2B1%40example.com", b'{"n":1}', headers=HELPDESK
@@ -115,9 +123,12 @@ def test_credentials_are_sealed_in_redis_sent_in_clear_and_never_shown(
     assert listed["target"] == f"{upstream.url}/api?key={REDACTED}"
 
 
+@pytest.mark.in_process
 def test_an_echoed_secret_is_scrubbed_from_the_attempt_log(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
+
     def echo(received: Received) -> Reply:
         body = f"denied: key {received.headers['x-api-key']} for {received.path_qs}".encode()
         return Reply(403, body=body)
@@ -135,9 +146,11 @@ def test_an_echoed_secret_is_scrubbed_from_the_attempt_log(
     assert b"inbound-token-1357" not in everything_in_redis(rdb)
 
 
+@pytest.mark.in_process
 def test_rotation_opens_old_events_and_a_dropped_key_ends_them_as_sealed(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     configure(gateway, crm(upstream)).start_api()
     first = gateway.post("/hooks/crm", b"{}", headers=HELPDESK).json()["id"]
 
@@ -183,7 +196,11 @@ def test_serve_and_worker_refuse_to_store_credentials_in_clear_unless_told(
     assert "Traceback" not in bad.stderr
 
 
-def test_plain_on_purpose_keeps_them_in_clear(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_plain_on_purpose_keeps_them_in_clear(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     del gateway.extra_env["GATEWAY_SECRET_KEY"]
     configure(gateway, crm(upstream), gateway_section='store_credentials = "plain"\n').start()
     event_id = gateway.post("/hooks/crm", b"{}", headers=HELPDESK).json()["id"]

@@ -10,9 +10,10 @@ from typing import Any, cast
 
 import httpx
 import orjson
+import pytest
 import redis
 
-from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -21,7 +22,7 @@ ONE_TRY = {"max_attempts": 1}
 
 
 def admin(gateway: Gateway, method: str, path: str, **params: Any) -> httpx.Response:
-    return httpx.request(method, gateway.url + path, headers=AUTH, params=params, timeout=10)
+    return gateway.request(method, path, headers=AUTH, params=params)
 
 
 def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
@@ -40,9 +41,11 @@ def start(gateway: Gateway, *integrations: str) -> None:
     gateway.configure(*integrations).start()
 
 
+@pytest.mark.in_process
 def test_pages_newest_first_miss_and_repeat_nothing_while_events_arrive(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     start(gateway, integration_toml("crm", upstream.url), integration_toml("erp", upstream.url))
     first = [gateway.post(f"/hooks/{'crm' if i % 3 else 'erp'}", b"{}").json()["id"] for i in range(45)]
     wait_until(lambda: delivered(rdb, "crm") + delivered(rdb, "erp") == 45)
@@ -80,7 +83,11 @@ def test_pages_newest_first_miss_and_repeat_nothing_while_events_arrive(
     assert set(first) <= set(seen), "an event was missed"
 
 
-def test_filters_and_bad_parameters(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_filters_and_bad_parameters(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     upstream.responder = lambda r: Reply(400 if r.body == b"bad" else 200)
     start(
         gateway, integration_toml("crm", upstream.url, retry=ONE_TRY), integration_toml("erp", upstream.url)
@@ -117,12 +124,14 @@ def test_filters_and_bad_parameters(gateway: Gateway, upstream: Upstream, rdb: r
         assert answer.status_code == 422, params
         assert answer.json()["error"] == "invalid_parameter"
         assert answer.json()["detail"].startswith(next(iter(params)) + ": "), answer.json()
-    assert httpx.get(gateway.url + "/admin/events").status_code == 401
+    assert gateway.get("/admin/events").status_code == 401
 
 
+@pytest.mark.in_process
 def test_detail_redacts_credentials_and_replay_of_dead_event_reaches_upstream(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     upstream.script([500, 200])
     start(gateway, integration_toml("crm", upstream.url, retry=ONE_TRY))
     event_id = gateway.post(

@@ -54,7 +54,7 @@ def setup(gw: Gateway, *integrations: str, alerts: Sequence[tuple[str, str]] = (
 
 
 def admin(gw: Gateway, name: str = "crm") -> dict[str, Any]:
-    response = httpx.get(f"{gw.url}/admin/integrations/{name}", headers=AUTH, timeout=5)
+    response = gw.get(f"/admin/integrations/{name}", headers=AUTH)
     assert response.status_code == 200, response.text
     return cast(dict[str, Any], response.json())
 

@@ -11,12 +11,12 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Gateway, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 
 def scrape(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    answer = httpx.get(gateway.url + "/metrics", timeout=10)
+    answer = gateway.get("/metrics")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
     samples = {}
@@ -30,9 +30,11 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+@pytest.mark.in_process
 def test_metrics_equal_what_happened_across_two_workers(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     upstream.responder = lambda r: Reply(400 if r.path_qs.startswith("/bad") else 200)
     gateway.configure(
         integration_toml("crm", upstream.url + "/crm", retry={"backoff_base_s": 0.05, "backoff_max_s": 0.1}),
@@ -74,9 +76,11 @@ def test_metrics_equal_what_happened_across_two_workers(
     assert "(crm)" in gateway.log("worker0.log") and "(crm)" in gateway.log("worker1.log"), logs[-2000:]
 
 
+@pytest.mark.in_process
 def test_a_scrape_costs_the_same_commands_whatever_the_number_of_events(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url), integration_toml("erp", upstream.url))
     gateway.start_api()  # no worker: the scrape is the only thing talking to Redis
 

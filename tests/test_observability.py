@@ -7,32 +7,38 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import orjson
+import pytest
 import redis
 
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Upstream
 
 
-def test_readyz_needs_a_live_worker(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_readyz_needs_a_live_worker(in_process_gateway: InProcessGateway, upstream: Upstream) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url)).start_api()
-    not_ready = httpx.get(gateway.url + "/readyz")
+    not_ready = gateway.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json() == {
         "error": "unavailable",
         "detail": "no worker has sent a heartbeat in the last 10 s",
     }
     worker = gateway.start_worker()
-    assert wait_until(lambda: httpx.get(gateway.url + "/readyz").json().get("workers")) == 1
+    assert wait_until(lambda: gateway.get("/readyz").json().get("workers")) == 1
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=15)
     # A worker that stops says so at once; it does not wait for its heartbeat to go stale.
-    assert httpx.get(gateway.url + "/readyz").status_code == 503
-    assert httpx.get(gateway.url + "/healthz").status_code == 200
+    assert gateway.get("/readyz").status_code == 503
+    assert gateway.get("/healthz").status_code == 200
 
 
-def test_log_lines_are_json_with_event_fields(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_log_lines_are_json_with_event_fields(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url)).start()
     event_id = gateway.post("/hooks/crm").json()["id"]
     wait_until(lambda: event_record(rdb, event_id).get("s") == "delivered")

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from gateway.openapi import document
-from tests.conftest import Gateway, free_port, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, free_port, integration_toml, wait_until
 from tests.upstream import Upstream
 
 TOKEN = "test-admin-token"
@@ -104,28 +105,36 @@ def test_the_live_api_answers_as_documented(gateway: Gateway, upstream: Upstream
     assert not failures, "\n\n".join(failures)
 
 
-def test_without_the_token_every_admin_route_answers_401(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_without_the_token_every_admin_route_answers_401(
+    in_process_gateway: InProcessGateway, upstream: Upstream
+) -> None:
+    gateway = in_process_gateway
     gateway.extra_env["GATEWAY_ADMIN_TOKEN"] = TOKEN
     gateway.configure(integration_toml("crm", upstream.url)).start()
     for path, item in document()["paths"].items():
         for method in item.keys() - {"parameters"}:
             if path == "/admin/openapi.json":
                 continue
-            url = gateway.url + path.replace("{name}", "crm").replace("{id}", "x")
-            answer = httpx.request(method, url, json={}, headers={"authorization": "Bearer nope"}, timeout=10)
+            url = path.replace("{name}", "crm").replace("{id}", "x")
+            answer = gateway.request(method, url, json={}, headers={"authorization": "Bearer nope"})
             assert answer.status_code == 401, f"{method.upper()} {path}"
             assert answer.json()["error"] == "unauthorized"
 
 
-def test_unusable_times_and_cursors_answer_422_not_5xx(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_unusable_times_and_cursors_answer_422_not_5xx(
+    in_process_gateway: InProcessGateway, upstream: Upstream
+) -> None:
     """Found by fuzzing: "²".isdigit() holds but int("²") raises; a "nan" cursor reaches Redis."""
+    gateway = in_process_gateway
     gateway.extra_env["GATEWAY_ADMIN_TOKEN"] = TOKEN
     gateway.configure(integration_toml("crm", upstream.url)).start()
     for params in [{"since": "²"}, {"until": "1²"}, {"cursor": "nan_abc"}, {"cursor": "-nan_abc"}]:
-        answer = httpx.get(gateway.url + "/admin/events", params=params, headers=AUTH, timeout=10)
+        answer = gateway.get("/admin/events", params=params, headers=AUTH, timeout=10)
         assert answer.status_code == 422, f"{params}: {answer.status_code} {answer.text}"
     for body in [{"since": "²"}, {"until": "1²"}]:
-        answer = httpx.post(gateway.url + "/admin/replay", json=body, headers=AUTH, timeout=10)
+        answer = gateway.request("POST", "/admin/replay", json=body, headers=AUTH, timeout=10)
         assert answer.status_code == 422, f"{body}: {answer.status_code} {answer.text}"
 
 

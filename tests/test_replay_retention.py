@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import httpx
 import orjson
+import pytest
 import redis
 
-from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 AUTH = {"authorization": "Bearer test-admin-token"}
 
 
 def admin(gateway: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.request(
-        method, gateway.url + path, headers={**AUTH, **kwargs.pop("headers", {})}, timeout=10, **kwargs
-    )
+    return gateway.request(method, path, headers={**AUTH, **kwargs.pop("headers", {})}, **kwargs)
 
 
 def zcard(rdb: redis.Redis, key: str) -> int:
@@ -31,18 +30,15 @@ def zcard(rdb: redis.Redis, key: str) -> int:
 
 
 def post_many(gateway: Gateway, n: int) -> list[str]:
-    async def run() -> list[str]:
-        limits = asyncio.Semaphore(32)
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+    """Posts n hooks, 32 at a time; returns their ids."""
 
-            async def one() -> str:
-                async with limits:
-                    answer = await client.post("/hooks/crm", content=b"{}")
-                    return str(answer.json()["id"])
+    def one(_: int) -> str:
+        answer = gateway.post("/hooks/crm")
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
 
-            return await asyncio.gather(*[one() for _ in range(n)])
-
-    return asyncio.run(run())
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(one, range(n)))
 
 
 def dead_events(gateway: Gateway, upstream: Upstream, rdb: redis.Redis, n: int, timeout: float) -> list[str]:
@@ -58,9 +54,11 @@ def dead_events(gateway: Gateway, upstream: Upstream, rdb: redis.Redis, n: int, 
     return ids
 
 
+@pytest.mark.in_process
 def test_bulk_replay_delivers_each_dead_event_once_per_request(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     ids = dead_events(gateway, upstream, rdb, 1000, timeout=60)
 
     key = {"Idempotency-Key": "replay-dead-crm-1"}
@@ -83,9 +81,11 @@ def test_bulk_replay_delivers_each_dead_event_once_per_request(
     assert set(per_id.values()) == {2}, "each event: one dead attempt and exactly one replayed delivery"
 
 
+@pytest.mark.in_process
 def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     dead_events(gateway, upstream, rdb, 600, timeout=60)
     job = admin(gateway, "POST", "/admin/replay", json={"state": "dead"}).json()
     cancelled = admin(gateway, "POST", f"/admin/replays/{job['id']}/cancel").json()
@@ -129,9 +129,11 @@ def test_cancel_stops_a_bulk_replay_and_bad_requests_are_refused(
     assert admin(gateway, "POST", "/admin/replays/nope/cancel").status_code == 404
 
 
+@pytest.mark.in_process
 def test_retention_removes_delivered_events_and_never_held_ones(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     # about 1.7 s, and retention runs every 5 s
     retention = "[retention]\ndelivered_days = 0.00002\ndead_days = 0.00002\nevery_s = 5\n"
     gateway.configure(integration_toml("crm", upstream.url, probe=False))

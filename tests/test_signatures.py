@@ -18,7 +18,7 @@ import redis
 from gateway.errors import ConfigError
 from gateway.settings import parse_config
 from gateway.signing import BadSignature, verify_hmac, verify_standard
-from tests.conftest import Gateway, integration_toml, stored_keys, wait_until
+from tests.conftest import InProcessGateway, integration_toml, stored_keys, wait_until
 from tests.upstream import Upstream
 
 # The Standard Webhooks specification's own example (its libraries test against it).
@@ -129,9 +129,11 @@ def signed_toml(name: str, target: str, signature: dict[str, Any], **fields: Any
     return integration_toml(name, target, **fields) + "\n".join(lines) + "\n"
 
 
+@pytest.mark.in_process
 def test_signed_requests_are_relayed_and_unsigned_ones_refused_with_nothing_stored(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.extra_env["ZENDESK_SECRET"] = ZENDESK_SECRET
     gateway.configure(
         signed_toml("zendesk", upstream.url, ZENDESK),
