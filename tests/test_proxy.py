@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import Gateway, RedisServer, event_record, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, RedisServer, event_record, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -31,7 +31,7 @@ def proxy_toml(name: str, target: str, **fields: Any) -> str:
 
 
 def admin(gw: Gateway, path: str, method: str = "GET", **params: Any) -> Any:
-    response = httpx.request(method, gw.url + "/admin" + path, headers=AUTH, params=params, timeout=5)
+    response = gw.request(method, "/admin" + path, headers=AUTH, params=params)
     assert response.status_code < 300, response.text
     return response.json()
 
@@ -50,7 +50,7 @@ def copies(gw: Gateway, n: int, integration: str = "crm") -> None:
 
 
 def get(gw: Gateway, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.get(gw.url + path, timeout=10, **kwargs)
+    return gw.get(path, **kwargs)
 
 
 def test_passes_status_headers_and_body_through(gateway: Gateway, upstream: Upstream) -> None:
@@ -206,7 +206,11 @@ def test_integrations_with_one_target_never_share_a_call(gateway: Gateway, upstr
     assert sorted(r.headers["authorization"] for r in upstream.received) == ["Bearer A", "Bearer B"]
 
 
-def test_fresh_copies_answer_without_a_call_and_vary_by_header(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_fresh_copies_answer_without_a_call_and_vary_by_header(
+    in_process_gateway: InProcessGateway, upstream: Upstream
+) -> None:
+    gateway = in_process_gateway
     gateway.configure(
         proxy_toml("crm", upstream.url, proxy={"fresh_ttl_s": 60, "vary_headers": ["X-Account"]})
     )
@@ -229,13 +233,15 @@ def test_fresh_copies_answer_without_a_call_and_vary_by_header(gateway: Gateway,
     assert upstream.count() == 4
     logged = {e["id"]: e for e in events(gateway, 5)}
     assert logged[hit.headers["x-gateway-event-id"]]["attempts"][0]["answered"] == "hit"
-    metrics = httpx.get(gateway.url + "/metrics", timeout=5).text
+    metrics = gateway.get("/metrics").text
     assert 'gateway_proxy_answers_total{cache="hit",integration="crm"} 1.0' in metrics
 
 
+@pytest.mark.in_process
 def test_failed_write_is_queued_and_delivered_with_the_same_webhook_id(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.configure(proxy_toml("crm", upstream.url, retry=FAST_RETRY)).start(1)
     upstream.script([503, 200])
     queued = gateway.post("/hooks/crm/tickets/9/notes", b'{"note":"call back"}')
@@ -270,7 +276,11 @@ def test_failed_write_is_queued_and_delivered_with_the_same_webhook_id(
     wait_until(lambda: event_record(rdb, again.headers["x-gateway-event-id"])["s"] == "delivered")
 
 
-def test_paused_integration_is_not_called(gateway: Gateway, upstream: Upstream, rdb: redis.Redis) -> None:
+@pytest.mark.in_process
+def test_paused_integration_is_not_called(
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gateway = in_process_gateway
     gateway.configure(proxy_toml("crm", upstream.url, retry=FAST_RETRY)).start(1)
     good = get(gateway, "/hooks/crm/users?id=1")
     copies(gateway, 1)
@@ -328,7 +338,11 @@ def test_failures_pause_the_integration_and_a_probe_resumes_it(gateway: Gateway,
     assert get(gateway, "/hooks/crm/u").headers["x-gateway-cache"] == "miss"
 
 
-def test_oversized_and_endless_answers_end_in_time(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_oversized_and_endless_answers_end_in_time(
+    in_process_gateway: InProcessGateway, upstream: Upstream
+) -> None:
+    gateway = in_process_gateway
     gateway.configure(
         proxy_toml("tiny", upstream.url, timeout_s=1, proxy={"max_response_bytes": 4096}),
         proxy_toml("crm", upstream.url, timeout_s=1),
@@ -345,9 +359,11 @@ def test_oversized_and_endless_answers_end_in_time(gateway: Gateway, upstream: U
     assert time.monotonic() - started < 3  # the deadline is timeout_s (1 s) for the whole answer
 
 
+@pytest.mark.in_process
 def test_refusals_are_the_relays_and_store_nothing(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     gateway.configure(
         proxy_toml("crm", upstream.url, inbound_token="t0ken"), gateway="max_body_bytes = 1000"
     ).start(0)
