@@ -5,6 +5,7 @@ worker's SIGKILL."""
 
 from __future__ import annotations
 
+import http.client
 import signal
 import statistics
 import time
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
@@ -153,3 +155,25 @@ def test_ordered_integration_keeps_arrival_order_through_a_worker_kill(
         wait_until(lambda e=event_id: event_record(rdb, e)["s"] == "delivered")  # type: ignore[misc]
     assert [r.body for r in upstream.received] == [b"1", b"2", b"2", b"3", b"3", b"4", b"5", b"6"]
     assert upstream.received[3].webhook_id == upstream.received[4].webhook_id == ids[2]
+
+
+def test_ordered_integration_keeps_arrival_order_within_a_millisecond(
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Events acknowledged one after the other are sent in that order, also those that arrived in
+    the same millisecond (their received ms ties; an id's random part must not decide)."""
+    gateway.configure(integration_toml("crm", upstream.url, ordered=True)).start_api()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    ids = []
+    for n in range(300):  # each acknowledged before the next is sent, on one kept-alive connection
+        conn.request("POST", "/hooks/crm", body=b"%d" % n)
+        answer = conn.getresponse()
+        assert answer.status == 202
+        ids.append(orjson.loads(answer.read())["id"])
+    conn.close()
+    gateway.start_worker()  # all of them wait: the worker picks each next one among all the others
+    got = upstream.wait_for(300, timeout=30)
+    received_ms = [int(float(event_record(rdb, i)["t"])) for i in ids]
+    assert len(set(received_ms)) < len(ids), "no two events shared a millisecond: nothing was tested"
+    assert [r.body for r in got] == [b"%d" % n for n in range(300)]
+    assert [r.webhook_id for r in got] == ids
