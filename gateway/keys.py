@@ -33,7 +33,8 @@ Layout under a prefix P (default "gw"):
                                   nothing left to take); last_success_ms is written at most once
                                   a second; capped (at max_in_flight, out of P:ready until an
                                   attempt ends); tat (the rate limit's GCRA time, ms);
-                                  wait_until / wait_reason (a Retry-After that holds every event)
+                                  wait_until / wait_reason (a Retry-After that holds every event);
+                                  last_t (the received score ACCEPT gave its last event)
     P:drain:{integration}  string the lock of the one worker draining or probing it
     P:attention            set    integrations the drainer must look at: paused ones (to probe)
                                   and resumed ones with held events (to drain); the drainer
@@ -65,10 +66,13 @@ Layout under a prefix P (default "gw"):
                                   while the integration is paused and holds no event
     P:m:proxy              hash   integration|cache -> proxy answers (miss, hit, stale)
     P:m:proxy_latency      hash   integration|bucket -> proxy answers (proxy_latency_sum: s)
-    Held events are the index P:st:{integration}:held, in arrival order: its score is the received
-    ms, made larger by 1/1024 steps when needed to sort an event after those held before it in
-    the same millisecond (ACCEPT); TAKE_HELD keeps that score in the in_flight index, so that an
-    event put back (RETURN_HELD, FINISH) returns to its exact place.
+    Arrival order: an event's received score (`t`, and its score in every state index) is the
+    received ms, made larger by 1/1024 steps when needed to sort it after the events of its
+    integration accepted before it in the same millisecond (ACCEPT, from `last_t`; several API
+    processes and batches share a millisecond, and an id's random part must not order them). An
+    ordered integration sends its oldest by that score first, and held events drain by it; TAKE_HELD
+    keeps the held score in the in_flight index, so that an event put back (RETURN_HELD, FINISH)
+    returns to its exact place. Only the admin API's `received_ms` drops the fraction.
     P:queue                the arq queue: the workers' periodic jobs (retention), never
                            events
 
@@ -295,12 +299,13 @@ local function last_held(integ)
   local top = redis.call('ZREVRANGE', st(integ, 'held'), 0, 0, 'WITHSCORES')
   return tonumber(top[2] or 0)
 end
--- The score that holds an event after every event held before it: its received ms, or, when that
--- would not sort it after them (several in one millisecond), the last score + 1/1024 (a step that
--- a double keeps exactly below 2^43 ms, the year 2248). Ids sort by millisecond only, so a tie of
--- scores would order same-millisecond events at random. `last`: integration -> the last held
--- score (from last_held, then each call's).
-local function held_score(last, integ, now)
+-- The received score that sorts an event after every event of its integration accepted before
+-- it: its received ms, or, when that would not (several in one millisecond), the last score +
+-- 1/1024 (a step that a double keeps exactly below 2^43 ms, the year 2248; '%.17g' writes it back
+-- exactly, and a whole ms as an integer). Ids sort by millisecond only, so a tie of scores would
+-- order same-millisecond events at random. `last`: integration -> the last score given (from
+-- `last_t`, or the last held score where that is later, then each call's).
+local function arrival_score(last, integ, now)
   local score = math.max(tonumber(now), last[integ] + 1 / 1024)
   last[integ] = score
   return string.format('%.17g', score)
@@ -451,16 +456,20 @@ for k = 1, count do
     strings[#strings + 1] = blob
     accepted[integ] = (accepted[integ] or 0) + 1
     if holding[integ] == nil then
-      holding[integ] = holds(integ)
-      if holding[integ] then last[integ] = last_held(integ) end
+      -- holds(integ) and the last score in one read
+      local f = redis.call('HMGET', int(integ), 'state', 'draining', 'last_t')
+      holding[integ] = f[1] == 'paused' or f[2] ~= false
+      last[integ] = tonumber(f[3] or 0)
+      if holding[integ] then last[integ] = math.max(last[integ], last_held(integ)) end
     end
+    local t = arrival_score(last, integ, now)
     if holding[integ] then
-      redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', now, 'd', now)
-      group(indexed, st(integ, 'held'), held_score(last, integ, now), id)
+      redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', t, 'd', now)
+      group(indexed, st(integ, 'held'), t, id)
     else
-      redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', now, 'd', now)
+      redis.call('HSET', ev(id), 's', 'pending', 'n', '1', 'i', integ, 't', t, 'd', now)
       group(due, integ, now, id)
-      group(indexed, st(integ, 'pending'), now, id)
+      group(indexed, st(integ, 'pending'), t, id)
     end
     out[#out + 1] = id
     out[#out + 1] = 0
@@ -469,7 +478,10 @@ end
 if #strings > 0 then redis.call('MSET', unpack(strings)) end
 if schedule(due) then ring() end
 flush('ZADD', indexed)
-for integ, n in pairs(accepted) do redis.call('HINCRBY', metric_key('accepted'), integ, n) end
+for integ, n in pairs(accepted) do
+  redis.call('HINCRBY', metric_key('accepted'), integ, n)
+  redis.call('HSET', int(integ), 'last_t', string.format('%.17g', last[integ]))
+end
 return out
 """
 )
@@ -776,7 +788,7 @@ for k, item in ipairs(items) do
     state = 'held'
     r[2] = state
     if last[integ] == nil then last[integ] = last_held(integ) end
-    score = held_score(last, integ, now)
+    score = arrival_score(last, integ, now)
   end
   if state == 'retrying' then
     redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', item[5])

@@ -237,7 +237,7 @@ def _summary(
         "integration": integration.decode(),
         "state": state.decode(),
         "attempt": int(attempt),
-        "received_ms": int(received),
+        "received_ms": int(float(received)),  # the score's fraction orders one ms's arrivals
         "updated_ms": int(float(updated)),
     }
 
@@ -338,7 +338,7 @@ class Store:
                 flat[i].decode(),
                 int(flat[i + 1]),
                 flat[i + 2].decode(),
-                int(flat[i + 3]),
+                int(float(flat[i + 3])),
                 flat[i + 5],
                 int(float(flat[i + 4])),
             )
@@ -423,7 +423,7 @@ class Store:
             args=[self.keys.prefix, integration, count, now_ms(), lease_ms, "1" if probe else "0"]
         )
         return [
-            (flat[i].decode(), int(flat[i + 1]), int(flat[i + 2]), flat[i + 3])
+            (flat[i].decode(), int(flat[i + 1]), int(float(flat[i + 2])), flat[i + 3])
             for i in range(0, len(flat), 4)
         ]
 
@@ -469,7 +469,7 @@ class Store:
         s, n, i, t = fields
         if s is None or n is None or i is None or t is None:
             return None
-        return s.decode(), int(n), i.decode(), int(t)
+        return s.decode(), int(n), i.decode(), int(float(t))
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
         """The event's record, its request blob and its attempts, or None when it does not exist."""
@@ -514,14 +514,16 @@ class Store:
         an operator pages (they are newer) never shift, repeat or hide the older ones.
         """
         low = "-inf" if since_ms is None else since_ms
-        high: float | str = "+inf" if until_ms is None else until_ms
+        # `until` takes its whole millisecond: scores carry a fraction that orders its arrivals
+        end = None if until_ms is None else until_ms + 1
+        high = "+inf" if end is None else f"({end}"
         keys = [self.keys.state_index(i, s) for i in integrations for s in states]
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                if cursor is None:
+                if cursor is None or (end is not None and cursor[0] >= end):
                     pipe.zrevrangebyscore(key, high, low, start=0, num=limit + 1, withscores=True)
                 else:
-                    top = cursor[0] if until_ms is None else min(cursor[0], until_ms)
+                    top = cursor[0]
                     pipe.zrevrangebyscore(key, top, top, withscores=True)
                     pipe.zrevrangebyscore(key, f"({top!r}", low, start=0, num=limit + 1, withscores=True)
             replies = await pipe.execute()
