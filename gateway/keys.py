@@ -304,9 +304,15 @@ end
 -- 1/1024 (a step that a double keeps exactly below 2^43 ms, the year 2248; '%.17g' writes it back
 -- exactly, and a whole ms as an integer). Ids sort by millisecond only, so a tie of scores would
 -- order same-millisecond events at random. `last`: integration -> the last score given (from
--- `last_t`, or the last held score where that is later, then each call's).
-local function arrival_score(last, integ, now)
-  local score = math.max(tonumber(now), last[integ] + 1 / 1024)
+-- `last_t`, or the last held score where that is later, then each call's). `now` is returned as
+-- given where it serves (the usual case: no formatting per event); `now_n`: it as a number.
+local function arrival_score(last, integ, now, now_n)
+  local prev = last[integ]
+  if prev < now_n then
+    last[integ] = now_n
+    return now
+  end
+  local score = prev + 1 / 1024
   last[integ] = score
   return string.format('%.17g', score)
 end
@@ -435,6 +441,7 @@ ACCEPT = (
     _PRELUDE
     + """
 local now, idem_px, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now_n = tonumber(now)
 local take = fields(ARGV[5], ARGV[6])
 local out, seen, strings, due, indexed, holding, last, accepted = {}, {}, {}, {}, {}, {}, {}, {}
 for k = 1, count do
@@ -462,7 +469,7 @@ for k = 1, count do
       last[integ] = tonumber(f[3] or 0)
       if holding[integ] then last[integ] = math.max(last[integ], last_held(integ)) end
     end
-    local t = arrival_score(last, integ, now)
+    local t = arrival_score(last, integ, now, now_n)
     if holding[integ] then
       redis.call('HSET', ev(id), 's', 'held', 'n', '1', 'i', integ, 't', t, 'd', now)
       group(indexed, st(integ, 'held'), t, id)
@@ -788,7 +795,7 @@ for k, item in ipairs(items) do
     state = 'held'
     r[2] = state
     if last[integ] == nil then last[integ] = last_held(integ) end
-    score = arrival_score(last, integ, now)
+    score = arrival_score(last, integ, now, now)
   end
   if state == 'retrying' then
     redis.call('HSET', ev(id), 's', state, 'n', item[4], 'i', integ, 't', now, 'd', item[5])

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from gateway.events import AttemptRecord, EventState, StoredRequest, new_event_id, now_ms
 from gateway.keys import Keys
 from gateway.store import NOT_COUNTED, Claimed, Count, Finish, Health, NewEvent, Store
-from tests.conftest import KEYS
+from tests.conftest import KEYS, event_record
 
 POLICIES = orjson.dumps({"crm": [4000, 100, 0, 1, 0]})  # lease ms, max in flight, rate, burst, ordered
 DEFAULT = orjson.dumps([9000, 32, 0, 1, 0])
@@ -270,3 +270,34 @@ def test_a_schedule_from_before_per_integration_schedules_is_moved_not_lost(
     moved, claimed, again = run(redis_url, body)
     assert (moved, len(claimed), again) == (3, 3, 0)
     assert rdb.exists(f"{KEYS.prefix}:due") == 0  # the old layout's one schedule, gone
+
+
+def test_an_ordered_integration_takes_one_batch_in_arrival_order_and_listings_keep_it(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    """One ACCEPT call shares one millisecond among its events: their received scores still follow
+    their order in the call (an id's random part must not decide), for the ordered integration's
+    one-at-a-time claims and for the listings, whose `until` takes its whole millisecond."""
+    ordered = orjson.dumps({"crm": [4000, 100, 0, 1, 1]})
+
+    async def body(store: Store) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+        ids = await accept(store, 40)
+        sent: list[str] = []
+        while len(sent) < len(ids):
+            (one,) = (await store.claim_due(10, ordered, DEFAULT))[0]  # one at a time, as ordered
+            sent.append(one.event_id)
+            await store.finish_many([delivered(one)])
+        received = int(float(event_record(rdb, ids[0])["t"]))
+        listed, _ = await store.list_events(["crm"], ["delivered"], received, received, 100, None)
+        late = await accept(store, 3)  # another call: after all of them, whatever its millisecond
+        pending = [
+            i.decode() for i in cast(list[bytes], rdb.zrange(KEYS.state_index("crm", "pending"), 0, -1))
+        ]
+        return ids, sent, [e["id"] for e in listed], late, pending
+
+    ids, sent, listed, late, pending = run(redis_url, body)
+    assert sent == ids
+    assert listed == ids[::-1]  # newest first, all of them within `until`
+    assert pending == late
+    t = [float(event_record(rdb, i)["t"]) for i in ids]
+    assert t == sorted(set(t)) and int(t[-1]) == int(t[0])  # strictly rising within its millisecond
