@@ -1,5 +1,5 @@
-"""Integration health against the real processes (invariant 4): consecutive failures are counted
-exactly, the threshold pauses, nothing is sent to a paused endpoint but probes, held events
+"""Integration health against the real worker processes (invariant 4): consecutive failures are
+counted exactly, the threshold pauses, nothing is sent to a paused endpoint but probes, held events
 survive a worker restart and drain in arrival order after a resume, a probe resumes a recovered
 endpoint, alerts reach a real receiver with retries, and the admin API checks its token."""
 
@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import KEYS, Gateway, event_record, integration_toml, wait_until
+from tests.conftest import KEYS, Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Received, Reply, Upstream
 
 TOKEN = "admin-s3cret"
@@ -116,9 +116,11 @@ def alerts_of(sink: Upstream, path: str) -> list[dict[str, Any]]:
 # 1. Counting, the threshold, the reset, two workers, warnings once per episode, alert payloads.
 
 
+@pytest.mark.in_process
 def test_threshold_counts_exactly_across_two_workers_and_a_success_resets(
-    gateway: Gateway, upstream: Upstream, sink: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, sink: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     # Every request is held 30 ms, so the two workers' deliveries overlap; "/ok" succeeds.
     upstream.responder = lambda r: Reply(200 if r.path_qs == "/ok" else 500, delay_s=0.03)
     setup(
@@ -283,9 +285,11 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
 #    failed it at first.
 
 
+@pytest.mark.in_process
 def test_probe_backs_off_while_broken_then_resumes_and_alert_is_retried(
-    gateway: Gateway, upstream: Upstream, sink: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, sink: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     healthy = threading.Event()
     upstream.responder = lambda r: Reply(200 if healthy.is_set() else 500)
     answers: list[tuple[str, int]] = []  # (webhook-id, status) of each request to the alert receiver

@@ -1,7 +1,7 @@
-"""Scheduling against the real processes (invariant 6): one integration cannot slow another. A
-hanging endpoint holds at most its own `max_in_flight` slots, a rate limit holds across workers, a
-Retry-After holds the whole integration, and an ordered integration keeps arrival order through a
-worker's SIGKILL."""
+"""Scheduling against the real worker processes (invariant 6): one integration cannot slow
+another. A hanging endpoint holds at most its own `max_in_flight` slots, a rate limit holds across
+workers, a Retry-After holds the whole integration, and an ordered integration keeps arrival order
+through a worker's SIGKILL and within a millisecond."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import redis
 
 from gateway.settings import DEFAULT_MAX_IN_FLIGHT
-from tests.conftest import Gateway, event_record, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, event_record, integration_toml, wait_until
 from tests.upstream import Received, Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -37,7 +36,7 @@ def slow() -> Iterator[Upstream]:
 
 
 def ready(gateway: Gateway, workers: int) -> None:
-    wait_until(lambda: httpx.get(gateway.url + "/readyz", timeout=2).json().get("workers") == workers)
+    wait_until(lambda: gateway.get("/readyz", timeout=2).json().get("workers") == workers)
 
 
 def latencies(gateway: Gateway, upstream: Upstream, name: str, count: int) -> list[float]:
@@ -54,16 +53,14 @@ def latencies(gateway: Gateway, upstream: Upstream, name: str, count: int) -> li
 
 
 def post_many(gateway: Gateway, name: str, bodies: list[bytes]) -> list[str]:
-    with httpx.Client(timeout=10) as client, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda b: client.post(f"{gateway.url}/hooks/{name}", content=b), bodies))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: gateway.post(f"/hooks/{name}", b), bodies))
     assert {a.status_code for a in answers} == {202}
     return [a.json()["id"] for a in answers]
 
 
 def admin(gateway: Gateway, name: str) -> dict[str, Any]:
-    answer = httpx.get(
-        f"{gateway.url}/admin/integrations/{name}", headers={"authorization": f"Bearer {TOKEN}"}
-    )
+    answer = gateway.get(f"/admin/integrations/{name}", headers={"authorization": f"Bearer {TOKEN}"})
     assert answer.status_code == 200, answer.text
     result: dict[str, Any] = answer.json()
     return result
@@ -90,7 +87,11 @@ def test_a_hanging_endpoint_does_not_slow_a_healthy_one(
     assert statistics.median(beside) <= 1.5 * statistics.median(alone) + 0.005, (alone, beside)
 
 
-def test_max_in_flight_is_never_exceeded_across_workers(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_max_in_flight_is_never_exceeded_across_workers(
+    in_process_gateway: InProcessGateway, upstream: Upstream
+) -> None:
+    gateway = in_process_gateway
     upstream.script([Reply(200, delay_s=0.2)])
     gateway.configure(integration_toml("crm", upstream.url, max_in_flight=3)).start(2)
     post_many(gateway, "crm", [b"%d" % n for n in range(30)])
@@ -98,7 +99,9 @@ def test_max_in_flight_is_never_exceeded_across_workers(gateway: Gateway, upstre
     assert upstream.max_active == 3
 
 
-def test_rate_limit_is_held_by_two_workers(gateway: Gateway, upstream: Upstream) -> None:
+@pytest.mark.in_process
+def test_rate_limit_is_held_by_two_workers(in_process_gateway: InProcessGateway, upstream: Upstream) -> None:
+    gateway = in_process_gateway
     gateway.configure(integration_toml("crm", upstream.url, rate_limit_per_s=20, rate_limit_burst=1)).start(2)
     ready(gateway, 2)
     post_many(gateway, "crm", [b"%d" % n for n in range(61)])
@@ -107,9 +110,11 @@ def test_rate_limit_is_held_by_two_workers(gateway: Gateway, upstream: Upstream)
     assert 18 <= rate <= 22, rate
 
 
+@pytest.mark.in_process
 def test_retry_after_holds_the_whole_integration(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    gateway = in_process_gateway
     upstream.script([Reply(429, {"Retry-After": "2"}), Reply(200)])
     retry = FAST_RETRY | {"backoff_max_s": 5}  # a Retry-After is honoured up to backoff_max_s
     gateway.configure(integration_toml("crm", upstream.url, retry=retry)).start(1)
