@@ -194,6 +194,7 @@ class Gateway:
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
+        self._http: httpx.Client | None = None
         self.extra_env: dict[str, str] = {
             "GATEWAY_ADMIN_TOKEN": "test-admin-token",
             "GATEWAY_SECRET_KEY": TEST_SECRET_KEY,
@@ -256,11 +257,19 @@ class Gateway:
         path = self.tmp_path / name
         return path.read_text(errors="replace") if path.exists() else ""
 
+    @property
+    def http(self) -> httpx.Client:
+        """One client for the test's requests, its connections kept alive as a helpdesk keeps them
+        (a client per request costs a TLS context and a connection each)."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=10)
+        return self._http
+
     def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
-        return httpx.post(self.url + path, content=content, timeout=10, **kwargs)
+        return self.http.post(path, content=content, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, **{"timeout": 10, **kwargs})
+        return self.http.request(method, path, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", path, **kwargs)
@@ -278,6 +287,9 @@ class Gateway:
                     process.wait()
         for log in self._logs:
             log.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
 
 @contextlib.asynccontextmanager
@@ -363,7 +375,8 @@ class InProcessGateway(Gateway):
         portal = self._running.enter_context(start_blocking_portal())
         state = self._running.enter_context(portal.wrap_async_context_manager(lifespan(app)))
         transport = PortalTransport(app, portal, state)
-        self._client = self._running.enter_context(httpx.Client(transport=transport, base_url=self.url))
+        client = httpx.Client(transport=transport, base_url=self.url, timeout=10)
+        self._client = self._running.enter_context(client)
         return self
 
     def start(self, workers: int = 1) -> Self:
@@ -376,11 +389,9 @@ class InProcessGateway(Gateway):
             wait_until(lambda: self.get("/readyz").json().get("workers") == workers, timeout=15)
         return self
 
-    def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
-        return self.client.post(path, content=content, timeout=10, **kwargs)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.request(method, path, **{"timeout": 10, **kwargs})
+    @property
+    def http(self) -> httpx.Client:
+        return self.client
 
     def stop(self) -> None:
         super().stop()

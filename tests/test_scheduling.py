@@ -53,7 +53,7 @@ def latencies(gateway: Gateway, upstream: Upstream, name: str, count: int) -> li
 
 
 def post_many(gateway: Gateway, name: str, bodies: list[bytes]) -> list[str]:
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool:  # on the gateway's kept-alive connections
         answers = list(pool.map(lambda b: gateway.post(f"/hooks/{name}", b), bodies))
     assert {a.status_code for a in answers} == {202}
     return [a.json()["id"] for a in answers]
