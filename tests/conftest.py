@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -194,7 +195,9 @@ class Gateway:
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
-        self._http: httpx.Client | None = None
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
         self.extra_env: dict[str, str] = {
             "GATEWAY_ADMIN_TOKEN": "test-admin-token",
             "GATEWAY_SECRET_KEY": TEST_SECRET_KEY,
@@ -259,11 +262,16 @@ class Gateway:
 
     @property
     def http(self) -> httpx.Client:
-        """One client for the test's requests, its connections kept alive as a helpdesk keeps them
-        (a client per request costs a TLS context and a connection each)."""
-        if self._http is None:
-            self._http = httpx.Client(base_url=self.url, timeout=10)
-        return self._http
+        """A client for the test's requests, its connections kept alive as a helpdesk keeps them (a
+        client per request costs a TLS context and a connection each). One per thread: httpcore's
+        pool, shared by threads that connect at once, was seen to drop sockets without closing them."""
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(base_url=self.url, timeout=10)
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
     def post(self, path: str, content: bytes = b"{}", **kwargs: Any) -> httpx.Response:
         return self.http.post(path, content=content, **kwargs)
@@ -287,9 +295,10 @@ class Gateway:
                     process.wait()
         for log in self._logs:
             log.close()
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        with self._clients_lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
 
 
 @contextlib.asynccontextmanager
