@@ -7,9 +7,9 @@ Starts everything it needs: a redis-server of its own on a free port with an app
 (`appendfsync always`: a 202 means the event is on disk), the real `python3 -m gateway serve` and
 TWO `python3 -m gateway worker`, and an endpoint in this process (aiohttp, in a thread) that answers
 each request at random: 200, a 5xx, no answer within the integration's timeout, a connection reset,
-or a body trickled out over longer than the timeout (the gateway decides on the status line). The endpoint records every
-request: its `webhook-id`, the load's own number for the event (in the body), what it did, and the
-status it answered (none for a timeout or a reset).
+or a body trickled out over longer than the timeout (the gateway decides on the status line). The
+endpoint records every request: its `webhook-id`, the load's own number for the event (in the body),
+what it did, and the status it answered (none for a timeout or a reset).
 
 The load (aiohttp, this process) posts event k at start + k / rate with `Idempotency-Key: chaos-k`,
 as a helpdesk would, and tries again (every 0.25 s, up to `--retry-s` after the sending ends) when
@@ -204,8 +204,9 @@ class Stack:
     """Redis (append-only, fsync always), `gateway serve` and two `gateway worker`, each of which
     can be killed and started again on the same port, directory and config."""
 
-    def __init__(self, h: Harness, endpoint_url: str, log_level: str) -> None:
+    def __init__(self, h: Harness, endpoint_url: str, log_level: str, server: str) -> None:
         self.h = h
+        self.server = server
         self.redis_port = free_port()
         self.api_port = free_port()
         self.token = secrets.token_urlsafe(24)
@@ -238,7 +239,7 @@ class Stack:
 
     def start_redis(self) -> None:
         args = [
-            redis_server_binary(),
+            self.server,
             "--port",
             str(self.redis_port),
             "--bind",
@@ -655,11 +656,13 @@ async def chaos(
     retry_s: float,
     seed: int,
     log_level: str = "INFO",
+    server: str | None = None,
 ) -> Verdict:
-    """One run (see the module's doc); the caller owns the harness (its processes and directory)."""
+    """One run (see the module's doc); the caller owns the harness (its processes and directory).
+    `server`: the redis-server (or valkey-server) binary; by default the one `gateway dev` runs."""
     rng = random.Random(seed)
     endpoint = Endpoint(random.Random(rng.random())).start()
-    stack = Stack(h, endpoint.url, log_level)
+    stack = Stack(h, endpoint.url, log_level, server or redis_server_binary())
     v = Verdict()
     load = Load()
     faults = Faults()
