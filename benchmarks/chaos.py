@@ -15,9 +15,12 @@ The load (aiohttp, this process) posts event k at start + k / rate with `Idempot
 as a helpdesk would, and tries again (every 0.25 s, up to `--retry-s` after the sending ends) when
 it gets no answer or a 5xx while the API or Redis is down; the id of its 202 goes in the ledger.
 Meanwhile a fault every `--fault-every-s` s on average (rounds of: two worker kills, one API kill,
-one Redis kill, in a random order): SIGKILL, then the process is started again (a worker after up to
-1 s, the API at once, Redis after 0.3-1.5 s, on the same port and directory: it replays its
-append-only file). The faults stop with the sending; then everything drains (`--drain-s` at most).
+one Redis kill and one outage of the endpoint, in a random order): SIGKILL, then the process is
+started again (a worker after up to 1 s, the API at once, Redis after 0.3-1.5 s, on the same port and
+directory: it replays its append-only file); an outage answers every request 503 for 1.5-3 s, which
+pauses the integration (30 failures in a row), so that held events, probes and the ordered drain
+go through the kills too. The faults stop with the sending and the endpoint then answers 200 to
+everything; everything drains (`--drain-s` at most).
 
 Checked (exit status 1 when a check fails), from the ledger, the endpoint's log, the admin API
 (/admin/integrations, /admin/status, /admin/events and each event's attempts), /metrics and the
@@ -35,8 +38,8 @@ Duplicates (a second 200 for an event, from a worker killed between the answer a
 or an answer that came as the timeout struck) are counted, never a failure: delivery is at least
 once, and the duplicates carry the same `webhook-id`.
 
-tests/test_chaos.py runs it short (about a minute); `python3 -m benchmarks --only chaos` runs the
-long one as a part of the suite.
+tests/test_chaos.py runs it short (about a minute); `python3 -m benchmarks --only chaos` runs it as
+a part of the suite (5 minutes); the long run's figures (10 minutes) are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -316,7 +319,8 @@ def chaos_config(endpoint_url: str) -> str:
     """One integration on the flapping endpoint. Retries come fast and many (a backoff of at most
     1 s, 40 attempts), so that nearly every event is delivered while the faults go on and the run
     drains in seconds; the lease is the timeout plus 1 s, so a killed worker's attempts come back
-    quickly. A stopping worker hands back at once (the kills are SIGKILL anyway)."""
+    quickly. An outage pauses it (30 failures in a row) and a probe every 0.5-2 s resumes it. A
+    stopping worker hands back at once (the kills are SIGKILL anyway)."""
     return f"""\
 [gateway]
 allowed_networks = ["127.0.0.0/8"]
