@@ -444,6 +444,8 @@ async def inject(
     rng: random.Random,
     every_s: float,
     until: float,
+    *,
+    outages: bool = True,
 ) -> Faults:
     """Kills and restarts until `until` (monotonic): rounds of PROCESS_FAULTS in a random order,
     one every `every_s` s on average."""
@@ -456,7 +458,7 @@ async def inject(
             return faults
         await asyncio.sleep(gap)
         if not kinds:
-            kinds = list(PROCESS_FAULTS)
+            kinds = [k for k in PROCESS_FAULTS if outages or k != "endpoint_outage"]
             rng.shuffle(kinds)
         kind = kinds.pop()
         faults.injected[kind] += 1
@@ -697,6 +699,7 @@ async def chaos(
     seed: int,
     log_level: str = "INFO",
     server: str | None = None,
+    outages: bool = True,
 ) -> Verdict:
     """One run (see the module's doc); the caller owns the harness (its processes and directory).
     `server`: the redis-server (or valkey-server) binary; by default the one `gateway dev` runs."""
@@ -718,7 +721,7 @@ async def chaos(
             sending = asyncio.create_task(send(url, rate, seconds, retry_s, load))
             try:
                 faults = await inject(
-                    stack, endpoint, session, rng, fault_every_s, time.monotonic() + seconds
+                    stack, endpoint, session, rng, fault_every_s, time.monotonic() + seconds, outages=outages
                 )
                 await sending
             finally:
@@ -744,7 +747,7 @@ async def chaos(
 def report(v: Verdict, args: argparse.Namespace) -> None:
     print(
         f"\nchaos: {args.rate:g} events/s for {args.minutes:g} min, a process fault every "
-        f"{args.fault_every_s:g} s on average (seed {args.seed}); "
+        f"{args.fault_every_s:g} s on average{'' if args.outages else ', no outages'} (seed {args.seed}); "
         + ("NOT drained" if v.drain_s is None else f"drained in {v.drain_s:.1f} s")
     )
     rows = [
@@ -769,7 +772,7 @@ def _counts(counter: Counter[str]) -> str:
 
 
 def figures(v: Verdict, args: argparse.Namespace) -> list[Figure]:
-    run = f"{args.rate:g}/s for {args.minutes:g} min"
+    run = f"{args.rate:g}/s for {args.minutes:g} min{'' if args.outages else ', no outages'}"
     process = ", ".join(f"{k} {v.faults[k]}" for k in sorted(set(PROCESS_FAULTS)))
     endpoint = ", ".join(f"{k} {v.faults[k]}" for k in ENDPOINT_FAULTS if k != "ok")
     return [
@@ -796,6 +799,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-every-s", type=float, default=4.0, help="mean seconds between process faults")
     p.add_argument("--drain-s", type=float, default=120.0, help="the longest wait for the drain")
     p.add_argument("--retry-s", type=float, default=30.0, help="the load retries this long after sending")
+    p.add_argument(
+        "--outages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an outage of the endpoint in each round of faults (it pauses the integration)",
+    )
     p.add_argument("--seed", type=int, default=None, help="of the faults (default: a random one, printed)")
     p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
     return p
@@ -816,6 +825,7 @@ def run(args: argparse.Namespace) -> Outcome:
                 retry_s=args.retry_s,
                 seed=args.seed,
                 log_level=args.log_level,
+                outages=args.outages,
             )
         )
         if v.problems:  # the logs and the append-only file, for a look at what went wrong
