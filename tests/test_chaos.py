@@ -1,4 +1,4 @@
-"""The chaos run, short: about 35 s of steady load on a flapping endpoint while two workers, the API
+"""The chaos run, short: 45 s of steady load on a flapping endpoint while two workers, the API
 and Redis (append-only file, fsync always) are killed with SIGKILL and started again, then the
 drain and the ledger's checks (see benchmarks/chaos.py): no acknowledged event lost or stuck, the
 admin API, /metrics and the endpoint's log in agreement."""
@@ -22,7 +22,7 @@ def test_chaos_loses_no_acknowledged_event() -> None:
         verdict = asyncio.run(
             chaos(
                 h,
-                seconds=35,
+                seconds=45,
                 rate=20,
                 fault_every_s=2.5,
                 drain_s=60,
