@@ -305,3 +305,17 @@ def test_an_attempt_whose_retry_is_held_says_held_in_its_record_as_the_metrics_c
         hget(rdb, KEYS.metric("attempts"), "crm|retrying") == b"1"
         and hget(rdb, KEYS.metric("attempts"), "crm|held") == b"1"
     )
+
+
+def test_leased_counts_the_attempts_in_flight_until_they_are_recorded(redis_url: str) -> None:
+    """Store.leased: what the chaos run reads to prove nothing is left in flight."""
+
+    async def body(store: Store) -> list[int]:
+        await accept(store, 3)
+        before = await store.leased()
+        first, *rest = await claim(store, 10)
+        claimed = await store.leased()
+        await store.finish_many([delivered(first)])
+        return [before, claimed, await store.leased(), len(rest)]
+
+    assert run(redis_url, body) == [0, 3, 2, 2]
