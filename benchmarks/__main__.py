@@ -3,7 +3,7 @@ its baseline measured in the same run and its target.
 
     python3 -m benchmarks [--only PART,PART...] [--quick] [--write]
 
-  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak, ui
+  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak, ui, chaos
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -30,13 +30,17 @@ this process, separate from the gateway's). The parts, each also runnable alone:
   soak      benchmarks/soak.py      RSS of the API and of a worker over 10 min at 200 events/s
   ui        benchmarks/ui.py        server time of the dashboard's pages with 100,000 events / the
                                     admin API's JSON of the same data
+  chaos     benchmarks/chaos.py     5 min of load on a flapping endpoint while workers, the API and
+                                    Redis are SIGKILLed and restarted: acknowledged / delivered /
+                                    dead, lost (must be 0), duplicates, faults injected by kind
+                                    (`python3 benchmarks/chaos.py --minutes 10` alone: the long run)
 
-The full run takes about 22 minutes; `--quick` (small counts, short durations, a 1-minute soak)
-takes about 2 and is a smoke test of the whole suite, not a measurement. Each part prints its own
-detailed table as it ends; the suite's table comes last, then a machine line (collected from this
-machine: CPU model, vCPUs, RAM, kernel, Python, Redis and wrk versions). `--write` also puts both in
-benchmarks/RESULTS.md, under "## Suite (`python3 -m benchmarks`)", replacing that section and
-keeping the rest of the file.
+The full run took about 22 minutes before chaos, which adds about 6; `--quick` (small counts,
+short durations, a 1-minute soak and chaos run) takes about 4 and is a smoke test of the whole
+suite, not a measurement. Each part prints its own detailed table as it ends; the suite's table
+comes last, then a machine line (collected from this machine: CPU model, vCPUs, RAM, kernel,
+Python, Redis and wrk versions). `--write` also puts both in benchmarks/RESULTS.md, under
+"## Suite (`python3 -m benchmarks`)", replacing that section and keeping the rest of the file.
 
 The machine's speed drifts (a shared VM), so figures are ratios against a baseline of the same run
 wherever one exists, and a target that is missed is reported (MISSED), never a failure. The exit
@@ -60,7 +64,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import attack, delivery, drain, fairness, idle, ingest, latency, proxy, soak, ui
+from benchmarks import attack, chaos, delivery, drain, fairness, idle, ingest, latency, proxy, soak, ui
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
 
 
@@ -98,6 +102,7 @@ PARTS: dict[str, Part] = {
     "attack": Part(attack.parser, attack.run, [], ["--seconds", "3", "--slow", "300", "--ramp", "1"]),
     "soak": Part(soak.parser, soak.run, ["--minutes", "10"], ["--minutes", "1"]),
     "ui": Part(ui.parser, ui.run, [], ["--events", "5000", "--requests", "30", "--warmup", "3"]),
+    "chaos": Part(chaos.parser, chaos.run, ["--minutes", "5"], ["--minutes", "1", "--fault-every-s", "2"]),
 }
 RESULTS = BENCHMARKS / "RESULTS.md"
 SECTION = "## Suite (`python3 -m benchmarks`)"

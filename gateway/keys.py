@@ -714,7 +714,14 @@ for k, item in ipairs(items) do
       h.set.wait_until, h.set.wait_reason = hold_until, item[16]
       h.wait_until = math.max(h.wait_until or 0, hold_until)
     end
-    redis.call('RPUSH', at(id), ARGV[3 + k])
+    local record = ARGV[3 + k]
+    if outcome == 'held' and item[3] ~= 'held' then
+      -- written for a retry: the record says what became of the event, as the metrics count it
+      -- (a pattern with bare quotes cannot match inside a JSON string, where they are escaped)
+      record = string.gsub(record, '"outcome":"retrying"', '"outcome":"held"', 1)
+      record = string.gsub(record, ',"retry_in_s":[^,}]*', '', 1)
+    end
+    redis.call('RPUSH', at(id), record)
     leases[#leases + 1] = id
     local score = f[4]
     if outcome == 'held' then

@@ -461,6 +461,10 @@ class Store:
         ids = await self.redis.zrangebyscore(self.keys.lease, "-inf", now_ms(), start=0, num=limit)
         return [i.decode() for i in ids]
 
+    async def leased(self) -> int:
+        """Attempts in flight under a lease, across every worker (expired or not)."""
+        return int(await self.redis.zcard(self.keys.lease))
+
     async def meta(self, event_id: str) -> tuple[str, int, str, int] | None:
         """(state, attempt, integration, received ms) of an event, or None."""
         fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]

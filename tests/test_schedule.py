@@ -301,3 +301,52 @@ def test_an_ordered_integration_takes_one_batch_in_arrival_order_and_listings_ke
     assert pending == late
     t = [float(event_record(rdb, i)["t"]) for i in ids]
     assert t == sorted(set(t)) and int(t[-1]) == int(t[0])  # strictly rising within its millisecond
+
+
+def test_an_attempt_whose_retry_is_held_says_held_in_its_record_as_the_metrics_count_it(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    """A failed attempt of a paused integration is held, not scheduled: its record in the attempt
+    log says "held" (with no retry_in_s), as gateway_attempts counts it; the chaos run found the
+    log saying "retrying" while /metrics said held. A retry before the pause keeps its record."""
+
+    async def body(store: Store) -> list[str]:
+        await accept(store, 2)
+        first, second = await claim(store, 10)
+        retry = failed(first, 100, now_ms() + 60_000)
+        retry.record["retry_in_s"] = 60.0
+        await store.finish_many([retry])
+        await store.set_state("crm", "pause", manual=True)
+        held = failed(second, 100, now_ms() + 60_000)
+        held.record["retry_in_s"] = 60.0
+        held.record["body"] = '{"outcome":"retrying"}'  # an endpoint's answer is kept as it came
+        await store.finish_many([held])
+        return [first.event_id, second.event_id]
+
+    ids = run(redis_url, body)
+    logs = [
+        [orjson.loads(a) for a in cast(list[bytes], rdb.lrange(KEYS.attempts(event_id), 0, -1))]
+        for event_id in ids
+    ]
+    assert [(a["outcome"], a.get("retry_in_s")) for a in logs[0]] == [("retrying", 60.0)]
+    assert [(a["outcome"], a.get("retry_in_s")) for a in logs[1]] == [("held", None)]
+    assert logs[1][0]["body"] == '{"outcome":"retrying"}' and logs[1][0]["status"] == 500
+    assert hget(rdb, KEYS.event(ids[1]), "s") == b"held"
+    assert (
+        hget(rdb, KEYS.metric("attempts"), "crm|retrying") == b"1"
+        and hget(rdb, KEYS.metric("attempts"), "crm|held") == b"1"
+    )
+
+
+def test_leased_counts_the_attempts_in_flight_until_they_are_recorded(redis_url: str) -> None:
+    """Store.leased: what the chaos run reads to prove nothing is left in flight."""
+
+    async def body(store: Store) -> list[int]:
+        await accept(store, 3)
+        before = await store.leased()
+        first, *rest = await claim(store, 10)
+        claimed = await store.leased()
+        await store.finish_many([delivered(first)])
+        return [before, claimed, await store.leased(), len(rest)]
+
+    assert run(redis_url, body) == [0, 3, 2, 2]
