@@ -131,7 +131,9 @@ async def _request_loop(url: str, body: bytes, count: int, concurrency: int) -> 
             nonlocal remaining, ok
             while remaining > 0:
                 remaining -= 1
-                ok += await post_like_a_worker(session, url, body, f"baseline-{remaining}", failures)
+                # `ok += await ...` would read ok before the await and lose the other tasks' counts.
+                if await post_like_a_worker(session, url, body, f"baseline-{remaining}", failures):
+                    ok += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(task() for _ in range(concurrency)))

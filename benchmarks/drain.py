@@ -220,7 +220,8 @@ async def _serial_posts(url: str, body: bytes, count: int) -> tuple[int, list[st
     failures: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for k in range(count):
-            ok += await post_like_a_worker(session, url, body, f"baseline-{k}", failures)
+            if await post_like_a_worker(session, url, body, f"baseline-{k}", failures):
+                ok += 1
     return ok, failures
 
 

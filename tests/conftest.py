@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import httpx
 import pytest
@@ -412,31 +412,34 @@ class InProcessGateway(Gateway):
         self._running.close()
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Stoppable)
+
+
+def stopped_after(running: _S) -> Iterator[_S]:
+    """A fixture's body: yields what runs, and stops it after the test, whatever the outcome."""
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 @pytest.fixture
 def in_process_gateway(tmp_path: Path, redis_url: str) -> Iterator[InProcessGateway]:
-    gw = InProcessGateway(tmp_path, redis_url)
-    try:
-        yield gw
-    finally:
-        gw.stop()
+    yield from stopped_after(InProcessGateway(tmp_path, redis_url))
 
 
 @pytest.fixture
 def gateway(tmp_path: Path, redis_url: str) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path, redis_url)
-    try:
-        yield gw
-    finally:
-        gw.stop()
+    yield from stopped_after(Gateway(tmp_path, redis_url))
 
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
-    server = Upstream().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from stopped_after(Upstream().start())
 
 
 def event_record(rdb: redis.Redis, event_id: str, prefix: str = "gw") -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,18 +56,28 @@ def test_worker_killed_mid_delivery_is_delivered_again_with_same_id(
         hold.set()
 
 
+def holding_endpoint(
+    gateway: Gateway, upstream: Upstream, grace_s: float
+) -> tuple[threading.Event, subprocess.Popen[bytes]]:
+    """An endpoint that holds its first request until the event is set (then answers 200), one
+    worker with `shutdown_grace_s`, the API; the event and the worker."""
+    hold = threading.Event()
+    upstream.script([Reply(hold=hold), Reply(200)])
+    gateway.configure(
+        integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY),
+        worker=f"shutdown_grace_s = {grace_s}",
+    )
+    worker = gateway.start_worker()
+    gateway.start_api()
+    return hold, worker
+
+
 def test_worker_stopped_by_sigterm_hands_its_attempt_back(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    hold = threading.Event()
-    upstream.script([Reply(hold=hold), Reply(200)])
     # A lease far longer than the test: only the hand-back can bring the event back in time. The
     # grace ends long before the endpoint answers.
-    gateway.configure(
-        integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY), worker="shutdown_grace_s = 0.3"
-    )
-    first = gateway.start_worker()
-    gateway.start_api()
+    hold, first = holding_endpoint(gateway, upstream, grace_s=0.3)
     try:
         event_id = gateway.post("/hooks/crm").json()["id"]
         upstream.wait_for(1)
@@ -87,13 +98,7 @@ def test_worker_stopped_by_sigterm_hands_its_attempt_back(
 def test_worker_stopped_by_sigterm_lets_attempts_end_within_the_grace_and_takes_no_more(
     gateway: Gateway, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    hold = threading.Event()
-    upstream.script([Reply(hold=hold), Reply(200)])
-    gateway.configure(
-        integration_toml("crm", upstream.url, timeout_s=60, retry=FAST_RETRY), worker="shutdown_grace_s = 30"
-    )
-    worker = gateway.start_worker()
-    gateway.start_api()
+    hold, worker = holding_endpoint(gateway, upstream, grace_s=30)
     try:
         first = gateway.post("/hooks/crm").json()["id"]
         upstream.wait_for(1)

@@ -22,7 +22,15 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import KEYS, Gateway, InProcessGateway, event_record, integration_toml, wait_until
+from tests.conftest import (
+    KEYS,
+    Gateway,
+    InProcessGateway,
+    event_record,
+    integration_toml,
+    stopped_after,
+    wait_until,
+)
 from tests.upstream import Received, Reply, Upstream
 
 TOKEN = "admin-s3cret"
@@ -34,11 +42,7 @@ FAST_RETRY = {"backoff_base_s": 0.05, "backoff_max_s": 0.1, "max_attempts": 20}
 @pytest.fixture
 def sink() -> Iterator[Upstream]:
     """A second real HTTP server: the receiver of the [[alerts]] sinks."""
-    server = Upstream().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from stopped_after(Upstream().start())
 
 
 def setup(gw: Gateway, *integrations: str, alerts: Sequence[tuple[str, str]] = ()) -> Gateway:

@@ -18,7 +18,14 @@ import pytest
 import redis
 
 from gateway.settings import DEFAULT_MAX_IN_FLIGHT
-from tests.conftest import Gateway, InProcessGateway, event_record, integration_toml, wait_until
+from tests.conftest import (
+    Gateway,
+    InProcessGateway,
+    event_record,
+    integration_toml,
+    stopped_after,
+    wait_until,
+)
 from tests.upstream import Received, Reply, Upstream
 
 TOKEN = "test-admin-token"
@@ -28,11 +35,7 @@ FAST_RETRY = {"backoff_base_s": 0.05, "backoff_max_s": 0.1, "max_attempts": 20}
 @pytest.fixture
 def slow() -> Iterator[Upstream]:
     """A second real HTTP server, for the integration that misbehaves."""
-    server = Upstream().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from stopped_after(Upstream().start())
 
 
 def ready(gateway: Gateway, workers: int) -> None:
