@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,10 +35,11 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, cast
+from typing import IO, Any, Self, cast
 
 import aiohttp
 import redis
+from aiohttp import web
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
@@ -780,6 +782,56 @@ def logged_warnings(log: str) -> list[str]:
             )
         )
     ]
+
+
+# --- An aiohttp app served in a thread of this process ----------------------------------------------
+
+
+class ServedInThread:
+    """An aiohttp app on a loopback port, served by an event loop in a thread of its own: the tests'
+    upstream, the fake helpdesk API, the chaos run's flapping endpoint. Subclasses give `app()`;
+    `port` 0 takes a free one."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5, handle_signals=False)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+
+    def stop(self) -> None:
+        if self._loop.is_closed():  # stopped already (e.g. a test took the endpoint down)
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        # Handlers still waiting (a reply that hangs) would be destroyed pending with the loop.
+        asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- The recording upstream (benchmarks/_upstream.py --record) ---------------------------------------

@@ -74,7 +74,17 @@ import redis.asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks._common import REPO_ROOT, Figure, Harness, Outcome, free_port, harness, print_table, run_main
+from benchmarks._common import (
+    REPO_ROOT,
+    Figure,
+    Harness,
+    Outcome,
+    ServedInThread,
+    free_port,
+    harness,
+    print_table,
+    run_main,
+)
 from gateway.dev import redis_server_binary
 from gateway.store import Store
 
@@ -106,17 +116,14 @@ class Hit:
     status: int | None  # the status it answered in full; None: no complete answer
 
 
-class Endpoint:
+class Endpoint(ServedInThread):
     """The flapping endpoint, in a thread with its own loop; records every request."""
 
     def __init__(self, rng: random.Random) -> None:
-        self.port = 0
+        super().__init__()
         self.hits: list[Hit] = []
         self._rng = rng
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
         self.down_until = 0.0  # monotonic: an outage, every request answered 503 until then
         self.calm = False  # the faults are over: every request answered 200
         kinds = list(ENDPOINT_FAULTS)
@@ -126,28 +133,10 @@ class Endpoint:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
-    def start(self) -> Endpoint:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        return app
 
     def snapshot(self) -> list[Hit]:
         with self._lock:
@@ -203,13 +192,6 @@ def _reset(request: web.Request) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-async def _cancel_others() -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Stack:

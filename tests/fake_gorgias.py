@@ -12,22 +12,23 @@ A real HTTP server on a loopback port (aiohttp in a thread, as tests/upstream.py
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
-import socket
 import threading
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from benchmarks._common import ServedInThread
+
 USERNAME = "ops@example.com"
 API_KEY = "gorgias-api-key-for-tests"
 
 
-class FakeGorgias:
+class FakeGorgias(ServedInThread):
     def __init__(self, integrations: list[dict[str, Any]], *, page_size: int = 2) -> None:
+        super().__init__()
         self.integrations: dict[int, dict[str, Any]] = {i["id"]: copy.deepcopy(i) for i in integrations}
         self.page_size = page_size
         self.throttle = 0  # requests answered 429 before any other
@@ -35,11 +36,7 @@ class FakeGorgias:
         self.fail_put: set[int] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path with query), in order
         self.puts: list[tuple[int, dict[str, Any]]] = []
-        self.port = 0
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -93,28 +90,11 @@ class FakeGorgias:
             answer = copy.deepcopy(self.integrations[integration_id])
         return _json(answer, 200)
 
-    def start(self) -> FakeGorgias:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/integrations", self._list)
         app.router.add_put("/api/integrations/{id}/", self._put)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        return app
 
 
 def _json(data: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:

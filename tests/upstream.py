@@ -7,13 +7,14 @@ last one repeats), each a status, or (status, headers), or a Reply with a delay 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from benchmarks._common import ServedInThread
 
 
 @dataclass
@@ -39,15 +40,12 @@ class Reply:
     endless: bool = False  # send the headers, then body bytes that never end
 
 
-class Upstream:
+class Upstream(ServedInThread):
     def __init__(self, port: int = 0) -> None:
-        self.port = port
+        super().__init__(port)
         self.received: list[Received] = []
         self._replies: list[Reply] = [Reply()]
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.responder: Callable[[Received], Reply] | None = None
         self.active = 0  # requests being answered now
         self.max_active = 0  # the most answered at once
@@ -105,33 +103,10 @@ class Upstream:
             return stream
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
-    def start(self) -> Upstream:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
-        site = web.SockSite(self._runner, sock)
-        await site.start()
-
-    def stop(self) -> None:
-        if self._loop.is_closed():  # stopped already (a test took the endpoint down)
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        # Handlers still waiting (a reply that hangs) would be destroyed pending with the loop.
-        asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        return app
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -149,10 +124,3 @@ class Upstream:
             time.sleep(0.01)
         with self._lock:
             return list(self.received)
-
-
-async def _cancel_others() -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
