@@ -86,7 +86,10 @@ def create_app(settings: Settings) -> GatewayApp:
     batcher = IngestBatcher(store, config.gateway.idempotency_ttl_s, config.gateway.store_timeout_s)
     refusals = Refusals(store)
     alerts = Alerts(config, settings.public_url, store)
-    at_rest = AtRest(settings.sealer, config.gateway.credential_names)
+    # "plain" stores credentials in clear even when GATEWAY_SECRET_KEY is set (the workers still
+    # open what was sealed before).
+    sealer = settings.sealer if config.gateway.store_credentials == "sealed" else None
+    at_rest = AtRest(sealer, config.gateway.credential_names)
     proxy = Proxy(config, store, alerts, at_rest)
     ingress = Ingress(config, batcher, proxy, refusals.add, at_rest)
     health = Readiness(store, config.gateway.store_timeout_s)

@@ -49,9 +49,12 @@ class StoredRequest:
     headers: list[tuple[str, str]]
     body: bytes
 
-    def pack(self) -> bytes:
+    def pack(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        """As stored in Redis; with `headers`, those in place of its own (sealed ones, say)."""
         # JSON never contains a raw newline, so the first one separates the head from the body.
-        head = orjson.dumps({"m": self.method, "u": self.url, "h": self.headers})
+        head = orjson.dumps(
+            {"m": self.method, "u": self.url, "h": self.headers if headers is None else headers}
+        )
         return head + b"\n" + self.body
 
     @classmethod

@@ -155,7 +155,13 @@ class Ingress:
             elif key == b"connection":
                 dropped = dropped | {h.strip().lower().encode() for h in value.decode("latin-1").split(",")}
             if key not in dropped:
-                kept.append((key.decode("latin-1"), _header_value(value)))
+                # As text that aiohttp (which writes UTF-8) sends back byte for byte: UTF-8 when it
+                # is (ASCII is), else Latin-1, whose bytes above 0x7f then go out re-encoded.
+                try:
+                    text = value.decode()
+                except UnicodeDecodeError:
+                    text = value.decode("latin-1")
+                kept.append((key.decode("latin-1"), text))
         if dropped is not base:
             kept = [(k, v) for k, v in kept if k.encode("latin-1") not in dropped]
 
@@ -267,12 +273,3 @@ def _idempotency_key(key: str) -> str:
     if len(key) <= MAX_IDEMPOTENCY_KEY:
         return key
     return "sha256:" + hashlib.sha256(key.encode("latin-1")).hexdigest()
-
-
-def _header_value(raw: bytes) -> str:
-    """A header value as text that the HTTP client (aiohttp writes UTF-8) sends back byte for
-    byte: UTF-8 when it is (ASCII is), else Latin-1, whose bytes above 0x7f then go out re-encoded."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")

@@ -6,10 +6,11 @@ ends: a 64 MiB header was read whole, then stored) and no deadline for a request
 process's file descriptors and CPU. `limited_protocol` subclasses it with:
 
 - `[gateway] max_header_bytes` (request line and headers) and `max_header_count`: over either, the
-  request is answered 431 JSON and the connection closed, before the app sees it;
+  request is answered 431 JSON and the connection closed, before the parser or the app sees it;
 - `[gateway] read_timeout_s`: a request must arrive whole (head and body) within it, counted from
   its first byte (from the connection's opening for the first request); a late one is answered
-  408 JSON (or cut, if the app already answers) and the connection closed;
+  408 JSON (or cut, if the app already answers) and the connection closed (deadlines are checked
+  by a sweep every min(1 s, read_timeout_s / 4), so a late request is cut within that much more);
 - `[gateway] max_connections`: past it, the connection that has waited longest without a whole
   request head is closed to make room (a slow client loses its place, not the helpdesk).
 
@@ -93,41 +94,54 @@ def limited_protocol(
     # Connections with no request in the app (a head still coming, or keep-alive between two
     # requests), longest waiting first: the ones to close when the cap is reached.
     idle: OrderedDict[LimitedHttpToolsProtocol, None] = OrderedDict()
+    # Deadlines are checked by one sweep of the open connections every `tick` seconds, not by a
+    # timer per request (arming and cancelling one cost a few per cent of the API's CPU): a late
+    # request is answered between read_timeout_s and read_timeout_s + tick after it began.
+    tick = min(1.0, limits.read_timeout_s / 4)
+    sweeping: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+    base = HttpToolsProtocol  # its methods are called directly: cheaper than super() per request
+
+    def sweep(loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        if not connections:
+            del sweeping[loop]  # started again by the next connection
+            return
+        late = loop.time() - limits.read_timeout_s
+        for connection in list(connections):
+            since = getattr(connection, "_since", None)
+            if since is not None and since <= late:
+                connection._too_slow()
+        sweeping[loop] = loop.call_later(tick, sweep, loop, connections)
 
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._in_head = True
+            self._in_head = True  # counting the bytes and lines of a request head
             self._head_bytes = 0
+            self._head_lines = 0
             self._head_tail = b""  # the last bytes seen, for an end of head split across reads
-            self._deadline: asyncio.TimerHandle | None = None
+            # When the request being received began (loop time), None when none is: from the
+            # connection's opening for the first request, from its first byte for later ones.
+            self._since: float | None = None
             self._refused = False  # answered here: whatever else the client sends is ignored
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
+            base.connection_made(self, transport)
+            self._since = self.loop.time()
+            if self.loop not in sweeping:
+                sweeping[self.loop] = self.loop.call_later(tick, sweep, self.loop, self.connections)
             if len(self.connections) > cap:
                 self._make_room()
             idle[self] = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             idle.pop(self, None)
-            self._disarm()
-            super().connection_lost(exc)
+            self._since = None
+            base.connection_lost(self, exc)
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
+            base.on_response_complete(self)
             if not self.transport.is_closing() and not self.pipeline:
                 idle[self] = None  # waits for its next request: at the end of the line
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(limits.read_timeout_s, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
 
         def _make_room(self) -> None:
             """Closes the connection that has waited longest for a whole request head (or idled
@@ -142,11 +156,11 @@ def limited_protocol(
                 self._close()
 
         def _close(self) -> None:
-            self._disarm()
+            self._since = None
             self.transport.close()
 
         def _too_slow(self) -> None:
-            self._deadline = None
+            self._since = None
             on_refused("408")
             self._refused = True
             if self._in_head or self.cycle is None or not self.cycle.response_started:
@@ -160,51 +174,44 @@ def limited_protocol(
             self._close()
 
         def data_received(self, data: bytes) -> None:
+            """Counts the head's bytes and lines before the parser sees them, so a head over the
+            limits is refused before it is parsed (the parser buffers a header until it ends)."""
             if self._refused:
                 return
             if self._in_head:
-                seen = self._head_tail + data
+                tail = self._head_tail
+                seen = tail + data if tail else data
                 end = seen.find(END_OF_HEAD)
-                head = self._head_bytes + (
-                    len(data) if end < 0 else end + len(END_OF_HEAD) - len(self._head_tail)
-                )
-                if head > limits.max_header_bytes:
+                if end < 0:
+                    head = self._head_bytes + len(data)
+                    lines = self._head_lines + data.count(b"\n")
+                else:
+                    head = self._head_bytes + end + len(END_OF_HEAD) - len(tail)
+                    lines = self._head_lines + seen.count(b"\n", len(tail), end + len(END_OF_HEAD))
+                # The head's lines: the request line, one per field and the empty line.
+                if head > limits.max_header_bytes or lines - 2 > limits.max_header_count:
                     self._refuse_head()
                     return
                 if end < 0:
-                    self._head_bytes = head
-                    self._head_tail = seen[-3:]
-            super().data_received(data)
+                    self._head_bytes, self._head_lines, self._head_tail = head, lines, seen[-3:]
+            base.data_received(self, data)
 
         def on_message_begin(self) -> None:
-            if self._refused:
-                return
-            super().on_message_begin()
-            if not self._in_head:  # a later request on this connection: its own deadline
+            base.on_message_begin(self)
+            if not self._in_head:  # a later request on this connection: its head counted afresh
                 self._in_head = True
-                self._head_bytes = 0
+                self._head_bytes = self._head_lines = 0
                 self._head_tail = b""
-                self._arm()
+            if self._since is None:  # ... and its own deadline
+                self._since = self.loop.time()
 
         def on_headers_complete(self) -> None:
-            if self._refused:
-                return
             idle.pop(self, None)  # its request goes to the app: never closed to make room
             self._in_head = False
-            self._head_tail = b""
-            if len(self.headers) > limits.max_header_count:
-                self._refuse_head()
-                return
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if not self._refused:
-                super().on_body(body)
+            base.on_headers_complete(self)
 
         def on_message_complete(self) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            super().on_message_complete()
+            self._since = None  # received whole: no deadline
+            base.on_message_complete(self)
 
     return LimitedHttpToolsProtocol

@@ -289,10 +289,16 @@ class Integration(_Model):
     def upstream_url(self, rest: str, query: str) -> str:
         """`target` + `/{rest}` + `?{query}`, as the contract promises; a query in the target comes
         first, then the request's (`target?key=1` and `?email=a` give `?key=1&email=a`)."""
-        base, _, fixed = str(self.target).partition("?")
-        url = base.rstrip("/") + "/" + rest if rest else base
+        base, stem, fixed = self._target_parts
+        url = stem + rest if rest else base
         query = f"{fixed}&{query}" if fixed and query else fixed or query
         return f"{url}?{query}" if query else url
+
+    @cached_property
+    def _target_parts(self) -> tuple[str, str, str]:
+        """The target without its query, the same ending in one "/", and its query."""
+        base, _, fixed = str(self.target).partition("?")
+        return base, base.rstrip("/") + "/", fixed
 
     @field_validator("target")
     @classmethod

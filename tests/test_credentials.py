@@ -15,8 +15,9 @@ import redis
 
 from gateway.dev import dev_secret_key
 from gateway.errors import ConfigError
+from gateway.events import StoredRequest
 from gateway.keys import Keys
-from gateway.sealing import PREFIX, Sealer, Unsealable
+from gateway.sealing import CREDENTIAL_HEADERS, PREFIX, AtRest, Sealer, Unsealable, open_headers
 from gateway.settings import REDACTED, parse_config
 from tests.conftest import (
     TEST_SECRET_KEY,
@@ -197,16 +198,43 @@ def test_serve_and_worker_refuse_to_store_credentials_in_clear_unless_told(
 
 
 @pytest.mark.in_process
+@pytest.mark.parametrize("with_key", [False, True], ids=["no-key", "key-set"])
 def test_plain_on_purpose_keeps_them_in_clear(
-    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis
+    in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis, with_key: bool
 ) -> None:
+    """"plain" stores credentials in clear, with or without GATEWAY_SECRET_KEY (which the workers
+    still use to open events sealed before)."""
     gateway = in_process_gateway
-    del gateway.extra_env["GATEWAY_SECRET_KEY"]
+    if not with_key:
+        del gateway.extra_env["GATEWAY_SECRET_KEY"]
     configure(gateway, crm(upstream), gateway_section='store_credentials = "plain"\n').start()
     event_id = gateway.post("/hooks/crm", b"{}", headers=HELPDESK).json()["id"]
     wait_until(lambda: event_record(rdb, event_id)["s"] == "delivered")
     assert b"helpdesk-credential-1234" in everything_in_redis(rdb)
     assert upstream.received[0].headers["authorization"] == HELPDESK["authorization"]
+
+
+def test_the_api_reuses_the_sealed_form_of_a_credential_only_for_the_same_value() -> None:
+    """AtRest keeps sealed credentials for reuse (a helpdesk sends the same one every time): the
+    same header and value give the same sealed form; another value or header a fresh nonce."""
+    sealer = Sealer.from_text(Sealer.new_key())
+    at_rest = AtRest(sealer, CREDENTIAL_HEADERS)
+
+    def stored(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return StoredRequest.unpack(at_rest.pack(StoredRequest("POST", "http://h/", headers, b"{}"))).headers
+
+    first = stored([("authorization", "Bearer one"), ("x-api-key", "Bearer one"), ("accept", "*/*")])
+    again = stored([("authorization", "Bearer one")])
+    other = stored([("authorization", "Bearer two")])
+    assert first[0] == again[0] and first[0][1].startswith(PREFIX)
+    assert len({first[0][1], first[1][1], other[0][1]}) == 3  # another header, another value
+    assert first[2] == ("accept", "*/*")
+    assert open_headers(sealer, first + other) == [
+        ("authorization", "Bearer one"),
+        ("x-api-key", "Bearer one"),
+        ("accept", "*/*"),
+        ("authorization", "Bearer two"),
+    ]
 
 
 def test_a_sealed_value_opens_only_with_its_key_and_under_its_own_header_name() -> None:
