@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn, TypeVar
 
 import click
-import httpx
 import orjson
 import pydantic
 
@@ -41,6 +40,8 @@ def call(method: str, path: str, url: str, token: str | None, body: Any = None) 
     base = url.rstrip("/")
     if not token:
         _fail("no admin token: set GATEWAY_ADMIN_TOKEN or pass --token")
+    import httpx  # here, not at the top: `serve` and `worker` start without it (0.1-0.3 s each)
+
     try:
         response = httpx.request(
             method, base + path, headers={"authorization": f"Bearer {token}"}, json=body, timeout=10
