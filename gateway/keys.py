@@ -418,11 +418,16 @@ local function tally_write(key, counts, float)
   end
 end
 -- The dashboard's per-minute figures of a batch (see P:mm), in this minute's hash, kept two hours.
+-- The expiry is set when a field is new (an increment that returns itself): always when the hash
+-- is made, and not again on every batch (at low rates, batches of one, that was a command each).
 local function per_minute(now, counts)
   if next(counts) == nil then return end
   local key = minute_key(string.format('%d', math.floor(now / 60000)))
-  tally_write(key, counts)
-  redis.call('EXPIRE', key, MINUTES_KEPT_S)
+  local new_field = false
+  for field, n in pairs(counts) do
+    if redis.call('HINCRBY', key, field, n) == n then new_field = true end
+  end
+  if new_field then redis.call('EXPIRE', key, MINUTES_KEPT_S) end
 end
 -- An attempt that called the endpoint, counted for the charts: delivered or failed, by latency
 -- bucket (one field, so one HINCRBY per batch and field).
