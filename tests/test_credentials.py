@@ -202,7 +202,7 @@ def test_serve_and_worker_refuse_to_store_credentials_in_clear_unless_told(
 def test_plain_on_purpose_keeps_them_in_clear(
     in_process_gateway: InProcessGateway, upstream: Upstream, rdb: redis.Redis, with_key: bool
 ) -> None:
-    """"plain" stores credentials in clear, with or without GATEWAY_SECRET_KEY (which the workers
+    """ "plain" stores credentials in clear, with or without GATEWAY_SECRET_KEY (which the workers
     still use to open events sealed before)."""
     gateway = in_process_gateway
     if not with_key:
