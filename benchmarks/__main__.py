@@ -65,7 +65,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import attack, chaos, delivery, drain, fairness, idle, ingest, latency, proxy, soak, ui
-from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, run_main
+from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, options, run_main
 
 
 @dataclass(frozen=True)
@@ -216,15 +216,13 @@ def write_results(text: str, command: str, quick: bool) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    return options(
+        __doc__,
+        ("--only", ",".join(PARTS), "parts to run, comma-separated (default: all)"),
+        ("--quick", False, "a short smoke run of every part (~2 min)"),
+        ("--write", False, "also write the table to benchmarks/RESULTS.md"),
         prog="python3 -m benchmarks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--only", default=",".join(PARTS), help="parts to run, comma-separated (default: all)")
-    p.add_argument("--quick", action="store_true", help="a short smoke run of every part (~2 min)")
-    p.add_argument("--write", action="store_true", help="also write the table to benchmarks/RESULTS.md")
-    return p
 
 
 def main() -> int:

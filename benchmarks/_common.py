@@ -120,18 +120,38 @@ def gateway_env(redis_url: str, config: Path, log_level: str, **extra: str) -> d
     return env
 
 
-def gateway_arguments(p: argparse.ArgumentParser, *, grace: bool = False) -> None:
+Option = tuple[str, Any, str | None] | tuple[str, Any, str | None, dict[str, Any]]
+"""One command-line option of `options`: (flag, default, help), plus add_argument's other keywords
+(type, metavar...) where the default does not say them."""
+
+BODY_BYTES: Option = ("--body-bytes", 500, None)
+LOG_LEVEL: Option = ("--log-level", "INFO", "GATEWAY_LOG_LEVEL of the gateway processes")
+GRACE: Option = ("--grace", 30.0, "after the sending, wait this long without progress for deliveries")
+
+
+def options(doc: str | None, *specs: Option, prog: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser: `doc` (its module docstring) as written, then the options in order. An
+    int or float default gives the option its type; a bool default makes a flag (False: set by
+    --x; True: turned off by --no-x)."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for flag, default, help_text, *more in specs:
+        kwargs: dict[str, Any] = {"default": default, "help": help_text}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif isinstance(default, int | float):
+            kwargs["type"] = type(default)
+        for extra in more:
+            kwargs.update(extra)
+        p.add_argument(flag, **kwargs)
+    return p
+
+
+def gateway_options(*, grace: bool = False) -> tuple[Option, ...]:
     """The options of every benchmark that runs the gateway: the webhook's size, the gateway's log
     level and, for those that wait for deliveries after sending, how long without progress."""
-    p.add_argument("--body-bytes", type=int, default=500)
-    if grace:
-        p.add_argument(
-            "--grace",
-            type=float,
-            default=30.0,
-            help="after the sending, wait this long without progress for deliveries",
-        )
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
+    return (BODY_BYTES, GRACE, LOG_LEVEL) if grace else (BODY_BYTES, LOG_LEVEL)
 
 
 def median(values: Sequence[float]) -> float:

@@ -41,6 +41,7 @@ from benchmarks._common import (
     free_port,
     gateway_env,
     harness,
+    options,
     percentile,
     print_table,
     run_main,
@@ -246,15 +247,16 @@ def run(args: argparse.Namespace) -> Outcome:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", type=float, default=300, help="the helpdesk's POSTs per second")
-    p.add_argument("--seconds", type=float, default=15, help="length of each run")
-    p.add_argument("--slow", type=int, default=1100, help="slow connections of the attacker")
-    p.add_argument("--ramp", type=float, default=3, help="seconds the attack runs before measuring")
-    p.add_argument("--attacker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    return p
+    return options(
+        __doc__,
+        ("--rate", 300.0, "the helpdesk's POSTs per second"),
+        ("--seconds", 15.0, "length of each run"),
+        ("--slow", 1100, "slow connections of the attacker"),
+        ("--ramp", 3.0, "seconds the attack runs before measuring"),
+        ("--attacker", False, argparse.SUPPRESS),
+        ("--port", None, argparse.SUPPRESS, {"type": int}),
+        ("--out", None, argparse.SUPPRESS, {"type": Path}),
+    )
 
 
 def main() -> int:

@@ -75,6 +75,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks._common import (
+    LOG_LEVEL,
     REPO_ROOT,
     Figure,
     Harness,
@@ -82,6 +83,7 @@ from benchmarks._common import (
     ServedInThread,
     free_port,
     harness,
+    options,
     print_table,
     run_main,
 )
@@ -775,21 +777,17 @@ def figures(v: Verdict, args: argparse.Namespace) -> list[Figure]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="how long to send (and inject faults)")
-    p.add_argument("--rate", type=float, default=30.0, help="events/s")
-    p.add_argument("--fault-every-s", type=float, default=4.0, help="mean seconds between process faults")
-    p.add_argument("--drain-s", type=float, default=120.0, help="the longest wait for the drain")
-    p.add_argument("--retry-s", type=float, default=30.0, help="the load retries this long after sending")
-    p.add_argument(
-        "--outages",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="an outage of the endpoint in each round of faults (it pauses the integration)",
+    return options(
+        __doc__,
+        ("--minutes", 10.0, "how long to send (and inject faults)"),
+        ("--rate", 30.0, "events/s"),
+        ("--fault-every-s", 4.0, "mean seconds between process faults"),
+        ("--drain-s", 120.0, "the longest wait for the drain"),
+        ("--retry-s", 30.0, "the load retries this long after sending"),
+        ("--outages", True, "an outage of the endpoint in each round of faults (it pauses the integration)"),
+        ("--seed", None, "of the faults (default: a random one, printed)", {"type": int}),
+        LOG_LEVEL,
     )
-    p.add_argument("--seed", type=int, default=None, help="of the faults (default: a random one, printed)")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
-    return p
 
 
 def run(args: argparse.Namespace) -> Outcome:

@@ -61,10 +61,11 @@ from benchmarks._common import (
     Outcome,
     cpu_seconds,
     free_port,
-    gateway_arguments,
     gateway_config,
+    gateway_options,
     harness,
     logged_warnings,
+    options,
     per_event_text,
     post_exactly,
     post_like_a_worker,
@@ -287,19 +288,19 @@ def _process_problems(h: Harness, stack: GatewayStack) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=30_000, help="events to preload, then deliver, per phase")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=32,
-        help="[worker] concurrency of the config, and requests in flight of the baseline loop",
+    return options(
+        __doc__,
+        ("--events", 30_000, "events to preload, then deliver, per phase"),
+        (
+            "--concurrency",
+            32,
+            "[worker] concurrency of the config, and requests in flight of the baseline loop",
+        ),
+        ("--workers", "1,2", "worker processes of each phase, comma-separated"),
+        ("--connections", 32, "wrk connections while preloading"),
+        *gateway_options(),
+        ("--quiet", 30.0, "fail when nothing moves for this many s"),
     )
-    p.add_argument("--workers", default="1,2", help="worker processes of each phase, comma-separated")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections while preloading")
-    gateway_arguments(p)
-    p.add_argument("--quiet", type=float, default=30.0, help="fail when nothing moves for this many s")
-    return p
 
 
 def run(args: argparse.Namespace) -> Outcome:

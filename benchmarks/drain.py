@@ -79,10 +79,11 @@ from benchmarks._common import (
     Outcome,
     cpu_seconds,
     free_port,
-    gateway_arguments,
     gateway_config,
+    gateway_options,
     harness,
     logged_warnings,
+    options,
     post_exactly,
     post_like_a_worker,
     print_table,
@@ -393,18 +394,14 @@ class Measured:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=100_000, help="events to hold, then drain")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections while ingesting")
-    gateway_arguments(p)
-    p.add_argument(
-        "--quiet",
-        type=float,
-        default=30.0,
-        help="fail when the held (or delivered) count does not move for this many s",
+    return options(
+        __doc__,
+        ("--events", 100_000, "events to hold, then drain"),
+        ("--connections", 32, "wrk connections while ingesting"),
+        *gateway_options(),
+        ("--quiet", 30.0, "fail when the held (or delivered) count does not move for this many s"),
+        ("--profile", None, "py-spy the worker during the drain into FILE", {"metavar": "FILE"}),
     )
-    p.add_argument("--profile", metavar="FILE", help="py-spy the worker during the drain into FILE")
-    return p
 
 
 def measure(h: Harness, args: argparse.Namespace, body: bytes, problems: list[str]) -> Measured:

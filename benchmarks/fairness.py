@@ -64,8 +64,9 @@ from benchmarks._common import (
     Outcome,
     Sent,
     free_port,
-    gateway_arguments,
+    gateway_options,
     harness,
+    options,
     per_event_text,
     percentile,
     print_table,
@@ -386,14 +387,15 @@ def run(args: argparse.Namespace) -> Outcome:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", type=float, default=50.0, help="healthy events/s")
-    p.add_argument("--seconds", type=float, default=15.0, help="healthy sending, alone and beside")
-    p.add_argument("--warmup", type=float, default=2.0, help="healthy sending before, not counted")
-    p.add_argument("--backlog", type=int, default=400, help="events posted to the hanging integration")
-    p.add_argument("--hang-s", type=float, default=60.0, help="how long the hanging upstream waits")
-    gateway_arguments(p, grace=True)
-    return p
+    return options(
+        __doc__,
+        ("--rate", 50.0, "healthy events/s"),
+        ("--seconds", 15.0, "healthy sending, alone and beside"),
+        ("--warmup", 2.0, "healthy sending before, not counted"),
+        ("--backlog", 400, "events posted to the hanging integration"),
+        ("--hang-s", 60.0, "how long the hanging upstream waits"),
+        *gateway_options(grace=True),
+    )
 
 
 def main() -> int:

@@ -43,11 +43,13 @@ import uvloop
 from httpx_aiohttp import AiohttpTransport
 
 from benchmarks._common import (
+    BODY_BYTES,
     Harness,
     cpu_seconds,
     free_port,
     harness,
     median,
+    options,
     print_table,
     run_wrk,
     wait_http,
@@ -199,15 +201,14 @@ def upstream_ceiling(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=10, help="length of each measured run")
-    parser.add_argument("--warmup", type=float, default=2, help="warm-up before each run, same client")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent request tasks per client")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all clients")
-    parser.add_argument("--body-bytes", type=int, default=500)
-    args = parser.parse_args()
+    args = options(
+        __doc__,
+        ("--seconds", 10.0, "length of each measured run"),
+        ("--warmup", 2.0, "warm-up before each run, same client"),
+        ("--concurrency", 32, "concurrent request tasks per client"),
+        ("--rounds", 3, "rounds over all clients"),
+        BODY_BYTES,
+    ).parse_args()
     body = webhook_body(args.body_bytes)
     clients = [Client(name) for name in CLIENTS]
 

@@ -45,6 +45,7 @@ import redis
 
 from benchmarks._common import (
     KEY_PREFIX,
+    LOG_LEVEL,
     CountingRedis,
     Figure,
     Outcome,
@@ -52,6 +53,7 @@ from benchmarks._common import (
     gateway_config,
     harness,
     logged_warnings,
+    options,
     print_table,
     run_main,
     start_stack,
@@ -332,13 +334,14 @@ def run(args: argparse.Namespace) -> Outcome:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--api-seconds", type=float, default=10.0, help="count the API alone this long")
-    p.add_argument("--settle", type=float, default=5.0, help="after the worker is up, wait this long")
-    p.add_argument("--seconds", type=float, default=20.0, help="then count every client's commands this long")
-    p.add_argument("--monitor-seconds", type=float, default=10.0, help="then MONITOR this long (the loops)")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway processes")
-    return p
+    return options(
+        __doc__,
+        ("--api-seconds", 10.0, "count the API alone this long"),
+        ("--settle", 5.0, "after the worker is up, wait this long"),
+        ("--seconds", 20.0, "then count every client's commands this long"),
+        ("--monitor-seconds", 10.0, "then MONITOR this long (the loops)"),
+        LOG_LEVEL,
+    )
 
 
 def main() -> int:

@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as `python3 benchmarks/ingest.py`: make `be
 import redis
 
 from benchmarks._common import (
+    BODY_BYTES,
     Figure,
     Harness,
     Outcome,
@@ -64,6 +65,7 @@ from benchmarks._common import (
     gateway_env,
     harness,
     median,
+    options,
     print_table,
     run_main,
     run_queue_seconds,
@@ -264,14 +266,15 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=int, default=5, help="length of each measured run")
-    p.add_argument("--warmup", type=int, default=2, help="length of the warm-up before each run")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections (concurrent requests)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (see above for why 1)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of (baseline, gateway)")
-    p.add_argument("--body-bytes", type=int, default=500)
-    return p
+    return options(
+        __doc__,
+        ("--seconds", 5, "length of each measured run"),
+        ("--warmup", 2, "length of the warm-up before each run"),
+        ("--connections", 32, "wrk connections (concurrent requests)"),
+        ("--threads", 1, "wrk threads (see above for why 1)"),
+        ("--rounds", 5, "rounds of (baseline, gateway)"),
+        BODY_BYTES,
+    )
 
 
 def run(args: argparse.Namespace) -> Outcome:

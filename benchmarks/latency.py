@@ -65,9 +65,10 @@ from benchmarks._common import (
     Outcome,
     Sent,
     free_port,
-    gateway_arguments,
     gateway_config,
+    gateway_options,
     harness,
+    options,
     per_event_text,
     percentile,
     print_table,
@@ -168,15 +169,12 @@ def parse_rates(text: str, default_seconds: float) -> list[tuple[float, float]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--rates",
-        default="50,200,1000",
-        help="events/s to send, comma-separated, each optionally RATE:SECONDS",
+    return options(
+        __doc__,
+        ("--rates", "50,200,1000", "events/s to send, comma-separated, each optionally RATE:SECONDS"),
+        ("--seconds", 10.0, "how long to send at a rate without its own"),
+        *gateway_options(grace=True),
     )
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to send at a rate without its own")
-    gateway_arguments(p, grace=True)
-    return p
 
 
 def run(args: argparse.Namespace) -> Outcome:

@@ -90,6 +90,7 @@ from benchmarks._common import (
     harness,
     logged_warnings,
     median,
+    options,
     per_event_text,
     percentile,
     print_table,
@@ -675,18 +676,17 @@ def parse_rates(text: str) -> list[float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--rates", default="100,500", help="part 1: GETs/s of the open-loop sender, comma-separated"
+    return options(
+        __doc__,
+        ("--rates", "100,500", "part 1: GETs/s of the open-loop sender, comma-separated"),
+        ("--rate-seconds", 15.0, "part 1: how long to send at each rate"),
+        ("--seconds", 5, "parts 2 and 3: length of each measured wrk run"),
+        ("--warmup", 2, "parts 2 and 3: length of the warm-up before a run"),
+        ("--connections", 32, "parts 2 and 3: wrk connections"),
+        ("--rounds", 3, "parts 2 and 3: rounds of (baseline, gateway)"),
+        ("--answer-bytes", 1024, "size of the upstream's JSON answer"),
+        ("--log-level", "INFO", "GATEWAY_LOG_LEVEL of the gateway"),
     )
-    p.add_argument("--rate-seconds", type=float, default=15.0, help="part 1: how long to send at each rate")
-    p.add_argument("--seconds", type=int, default=5, help="parts 2 and 3: length of each measured wrk run")
-    p.add_argument("--warmup", type=int, default=2, help="parts 2 and 3: length of the warm-up before a run")
-    p.add_argument("--connections", type=int, default=32, help="parts 2 and 3: wrk connections")
-    p.add_argument("--rounds", type=int, default=3, help="parts 2 and 3: rounds of (baseline, gateway)")
-    p.add_argument("--answer-bytes", type=int, default=1024, help="size of the upstream's JSON answer")
-    p.add_argument("--log-level", default="INFO", help="GATEWAY_LOG_LEVEL of the gateway")
-    return p
 
 
 def run(args: argparse.Namespace) -> Outcome:

@@ -47,9 +47,10 @@ from benchmarks._common import (
     Outcome,
     Sent,
     free_port,
-    gateway_arguments,
     gateway_config,
+    gateway_options,
     harness,
+    options,
     print_table,
     rss_bytes,
     run_main,
@@ -128,13 +129,14 @@ def growth(name: str, samples: list[Sample], warmup_s: float) -> Growth:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="how long to send")
-    p.add_argument("--rate", type=float, default=200.0, help="events/s")
-    p.add_argument("--warmup", type=float, default=30.0, help="seconds before the start reading")
-    p.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
-    gateway_arguments(p, grace=True)
-    return p
+    return options(
+        __doc__,
+        ("--minutes", 10.0, "how long to send"),
+        ("--rate", 200.0, "events/s"),
+        ("--warmup", 30.0, "seconds before the start reading"),
+        ("--sample-s", 5.0, "seconds between samples"),
+        *gateway_options(grace=True),
+    )
 
 
 def run(args: argparse.Namespace) -> Outcome:

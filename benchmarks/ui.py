@@ -34,7 +34,16 @@ import orjson
 if __package__ in (None, ""):  # run as `python3 benchmarks/ui.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import Figure, Outcome, harness, percentile, print_table, run_main, start_redis
+from benchmarks._common import (
+    Figure,
+    Outcome,
+    harness,
+    options,
+    percentile,
+    print_table,
+    run_main,
+    start_redis,
+)
 from gateway.app import GatewayApp, create_app
 from gateway.events import StoredRequest, new_event_id, now_ms
 from gateway.keys import Keys
@@ -221,12 +230,13 @@ def run(args: argparse.Namespace) -> Outcome:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=100_000, help="events written before the pages are timed")
-    p.add_argument("--integrations", type=int, default=5, help="integrations they are spread over")
-    p.add_argument("--requests", type=int, default=300, help="timed requests per page")
-    p.add_argument("--warmup", type=int, default=20, help="untimed requests per page first")
-    return p
+    return options(
+        __doc__,
+        ("--events", 100_000, "events written before the pages are timed"),
+        ("--integrations", 5, "integrations they are spread over"),
+        ("--requests", 300, "timed requests per page"),
+        ("--warmup", 20, "untimed requests per page first"),
+    )
 
 
 def main() -> int:
