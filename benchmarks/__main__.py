@@ -217,11 +217,11 @@ def write_results(text: str, command: str, quick: bool) -> None:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--only", ",".join(PARTS), "parts to run, comma-separated (default: all)"),
         ("--quick", False, "a short smoke run of every part (~2 min)"),
         ("--write", False, "also write the table to benchmarks/RESULTS.md"),
         prog="python3 -m benchmarks",
+        description=__doc__,
     )
 
 

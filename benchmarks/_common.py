@@ -129,12 +129,12 @@ LOG_LEVEL: Option = ("--log-level", "INFO", "GATEWAY_LOG_LEVEL of the gateway pr
 GRACE: Option = ("--grace", 30.0, "after the sending, wait this long without progress for deliveries")
 
 
-def options(doc: str | None, *specs: Option, prog: str | None = None) -> argparse.ArgumentParser:
-    """A benchmark's parser: `doc` (its module docstring) as written, then the options in order. An
-    int or float default gives the option its type; a bool default makes a flag (False: set by
-    --x; True: turned off by --no-x)."""
+def options(*specs: Option, description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser: the options in order, `description` (its module docstring) as written
+    above them. An int or float default gives the option its type; a bool default makes a flag
+    (False: set by --x; True: turned off by --no-x)."""
     p = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for flag, default, help_text, *more in specs:
         kwargs: dict[str, Any] = {"default": default, "help": help_text}

@@ -248,7 +248,6 @@ def run(args: argparse.Namespace) -> Outcome:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--rate", 300.0, "the helpdesk's POSTs per second"),
         ("--seconds", 15.0, "length of each run"),
         ("--slow", 1100, "slow connections of the attacker"),
@@ -256,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
         ("--attacker", False, argparse.SUPPRESS),
         ("--port", None, argparse.SUPPRESS, {"type": int}),
         ("--out", None, argparse.SUPPRESS, {"type": Path}),
+        description=__doc__,
     )
 
 

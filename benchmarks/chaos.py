@@ -778,7 +778,6 @@ def figures(v: Verdict, args: argparse.Namespace) -> list[Figure]:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--minutes", 10.0, "how long to send (and inject faults)"),
         ("--rate", 30.0, "events/s"),
         ("--fault-every-s", 4.0, "mean seconds between process faults"),
@@ -787,6 +786,7 @@ def parser() -> argparse.ArgumentParser:
         ("--outages", True, "an outage of the endpoint in each round of faults (it pauses the integration)"),
         ("--seed", None, "of the faults (default: a random one, printed)", {"type": int}),
         LOG_LEVEL,
+        description=__doc__,
     )
 
 

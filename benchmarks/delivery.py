@@ -289,7 +289,6 @@ def _process_problems(h: Harness, stack: GatewayStack) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--events", 30_000, "events to preload, then deliver, per phase"),
         (
             "--concurrency",
@@ -300,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
         ("--connections", 32, "wrk connections while preloading"),
         *gateway_options(),
         ("--quiet", 30.0, "fail when nothing moves for this many s"),
+        description=__doc__,
     )
 
 

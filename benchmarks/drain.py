@@ -395,12 +395,12 @@ class Measured:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--events", 100_000, "events to hold, then drain"),
         ("--connections", 32, "wrk connections while ingesting"),
         *gateway_options(),
         ("--quiet", 30.0, "fail when the held (or delivered) count does not move for this many s"),
         ("--profile", None, "py-spy the worker during the drain into FILE", {"metavar": "FILE"}),
+        description=__doc__,
     )
 
 

@@ -388,13 +388,13 @@ def run(args: argparse.Namespace) -> Outcome:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--rate", 50.0, "healthy events/s"),
         ("--seconds", 15.0, "healthy sending, alone and beside"),
         ("--warmup", 2.0, "healthy sending before, not counted"),
         ("--backlog", 400, "events posted to the hanging integration"),
         ("--hang-s", 60.0, "how long the hanging upstream waits"),
         *gateway_options(grace=True),
+        description=__doc__,
     )
 
 

@@ -202,12 +202,12 @@ def upstream_ceiling(
 
 def main() -> int:
     args = options(
-        __doc__,
         ("--seconds", 10.0, "length of each measured run"),
         ("--warmup", 2.0, "warm-up before each run, same client"),
         ("--concurrency", 32, "concurrent request tasks per client"),
         ("--rounds", 3, "rounds over all clients"),
         BODY_BYTES,
+        description=__doc__,
     ).parse_args()
     body = webhook_body(args.body_bytes)
     clients = [Client(name) for name in CLIENTS]

@@ -335,12 +335,12 @@ def run(args: argparse.Namespace) -> Outcome:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--api-seconds", 10.0, "count the API alone this long"),
         ("--settle", 5.0, "after the worker is up, wait this long"),
         ("--seconds", 20.0, "then count every client's commands this long"),
         ("--monitor-seconds", 10.0, "then MONITOR this long (the loops)"),
         LOG_LEVEL,
+        description=__doc__,
     )
 
 

@@ -267,13 +267,13 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--seconds", 5, "length of each measured run"),
         ("--warmup", 2, "length of the warm-up before each run"),
         ("--connections", 32, "wrk connections (concurrent requests)"),
         ("--threads", 1, "wrk threads (see above for why 1)"),
         ("--rounds", 5, "rounds of (baseline, gateway)"),
         BODY_BYTES,
+        description=__doc__,
     )
 
 

@@ -170,10 +170,10 @@ def parse_rates(text: str, default_seconds: float) -> list[tuple[float, float]]:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--rates", "50,200,1000", "events/s to send, comma-separated, each optionally RATE:SECONDS"),
         ("--seconds", 10.0, "how long to send at a rate without its own"),
         *gateway_options(grace=True),
+        description=__doc__,
     )
 
 

@@ -677,7 +677,6 @@ def parse_rates(text: str) -> list[float]:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--rates", "100,500", "part 1: GETs/s of the open-loop sender, comma-separated"),
         ("--rate-seconds", 15.0, "part 1: how long to send at each rate"),
         ("--seconds", 5, "parts 2 and 3: length of each measured wrk run"),
@@ -686,6 +685,7 @@ def parser() -> argparse.ArgumentParser:
         ("--rounds", 3, "parts 2 and 3: rounds of (baseline, gateway)"),
         ("--answer-bytes", 1024, "size of the upstream's JSON answer"),
         ("--log-level", "INFO", "GATEWAY_LOG_LEVEL of the gateway"),
+        description=__doc__,
     )
 
 

@@ -130,12 +130,12 @@ def growth(name: str, samples: list[Sample], warmup_s: float) -> Growth:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--minutes", 10.0, "how long to send"),
         ("--rate", 200.0, "events/s"),
         ("--warmup", 30.0, "seconds before the start reading"),
         ("--sample-s", 5.0, "seconds between samples"),
         *gateway_options(grace=True),
+        description=__doc__,
     )
 
 

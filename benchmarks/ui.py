@@ -231,11 +231,11 @@ def run(args: argparse.Namespace) -> Outcome:
 
 def parser() -> argparse.ArgumentParser:
     return options(
-        __doc__,
         ("--events", 100_000, "events written before the pages are timed"),
         ("--integrations", 5, "integrations they are spread over"),
         ("--requests", 300, "timed requests per page"),
         ("--warmup", 20, "untimed requests per page first"),
+        description=__doc__,
     )
 
 
