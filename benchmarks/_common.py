@@ -72,11 +72,17 @@ def webhook_body(size: int = 500) -> bytes:
         },
         "note": "",
     }
-    short = len(json.dumps(event, separators=(",", ":")).encode())
+    return padded_json(event, size, "a body", "event")
+
+
+def padded_json(sample: dict[str, Any], size: int, what: str, sample_name: str) -> bytes:
+    """`sample` as compact JSON of exactly `size` bytes, its "note" filled with x; a ValueError when
+    the sample alone is longer ("`what` of `size` bytes is too small for the sample `sample_name`")."""
+    short = len(json.dumps(sample, separators=(",", ":")).encode())
     if short > size:
-        raise ValueError(f"a body of {size} bytes is too small for the sample event ({short} bytes)")
-    event["note"] = "x" * (size - short)
-    body = json.dumps(event, separators=(",", ":")).encode()
+        raise ValueError(f"{what} of {size} bytes is too small for the sample {sample_name} ({short} bytes)")
+    sample["note"] = "x" * (size - short)
+    body = json.dumps(sample, separators=(",", ":")).encode()
     assert len(body) == size
     return body
 

@@ -57,7 +57,6 @@ upstream busy enough to set the pace. A missed target is reported (MISSED), neve
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import urllib.error
@@ -91,6 +90,7 @@ from benchmarks._common import (
     logged_warnings,
     median,
     options,
+    padded_json,
     per_event_text,
     percentile,
     print_table,
@@ -142,13 +142,7 @@ def lookup_answer(size: int) -> bytes:
         "lifetime_value": {"amount": 182400, "currency": "EUR"},
         "note": "",
     }
-    short = len(json.dumps(record, separators=(",", ":")).encode())
-    if short > size:
-        raise ValueError(f"an answer of {size} bytes is too small for the sample record ({short} bytes)")
-    record["note"] = "x" * (size - short)
-    body = json.dumps(record, separators=(",", ":")).encode()
-    assert len(body) == size
-    return body
+    return padded_json(record, size, "an answer", "record")
 
 
 def proxy_config(upstream_port: int) -> str:
