@@ -615,6 +615,12 @@ def write_wrk_script(
     return path
 
 
+def other_answers(what: str, statuses: dict[int, int], expected: int) -> list[str]:
+    """A problem line for the answers (status -> count) other than the `expected` status, if any."""
+    others = {s: n for s, n in statuses.items() if s != expected}
+    return [f"{what}: answers other than {expected}: {others}"] if others else []
+
+
 @dataclass(frozen=True)
 class WrkResult:
     requests: int
@@ -962,10 +968,7 @@ class Posted:
         return self.statuses.get(202, 0)
 
     def problems(self, what: str) -> list[str]:
-        out = []
-        others = {s: n for s, n in self.statuses.items() if s != 202}
-        if others:
-            out.append(f"{what}: answers other than 202: {others}")
+        out = other_answers(what, self.statuses, 202)
         if self.socket_errors:
             out.append(f"{what}: {self.socket_errors} socket errors/timeouts")
         if self.stalled_at is not None:
@@ -1060,10 +1063,7 @@ class Sent:
 
     def notes(self, what: str) -> list[str]:
         """Anomalies worth a line: answers other than 202, send errors, a sender behind schedule."""
-        out = []
-        others = {s: n for s, n in self.statuses.items() if s != 202}
-        if others:
-            out.append(f"{what}: answers other than 202: {others}")
+        out = other_answers(what, self.statuses, 202)
         if self.error_count:
             out.append(f"{what}: {self.error_count} send errors, e.g. {self.errors}")
         if self.lag_max_s > 0.05:
@@ -1156,10 +1156,7 @@ class Fetched:
 
     def problems(self, what: str) -> list[str]:
         """Wrong answers: statuses other than 200, other bodies, send errors, no right answer."""
-        out = []
-        others = {s: n for s, n in self.statuses.items() if s != 200}
-        if others:
-            out.append(f"{what}: answers other than 200: {others}")
+        out = other_answers(what, self.statuses, 200)
         if self.mismatched:
             out.append(f"{what}: {self.mismatched} answers 200 with another body than the expected one")
         if self.error_count:

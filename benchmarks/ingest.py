@@ -66,6 +66,7 @@ from benchmarks._common import (
     harness,
     median,
     options,
+    other_answers,
     print_table,
     run_main,
     run_queue_seconds,
@@ -132,9 +133,7 @@ def _settle(r: redis.Redis, quiet_s: float = 0.3, timeout_s: float = 15.0) -> in
 
 
 def _check_statuses(target: Target, result: WrkResult, phase: str) -> None:
-    others = {s: n for s, n in result.statuses.items() if s != 202}
-    if others:
-        target.problems.append(f"{phase}: answers other than 202: {others}")
+    target.problems += other_answers(phase, result.statuses, 202)
     if result.socket_errors:
         target.problems.append(f"{phase}: {result.socket_errors} socket errors/timeouts")
     if result.count(202) == 0:

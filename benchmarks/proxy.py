@@ -90,6 +90,7 @@ from benchmarks._common import (
     logged_warnings,
     median,
     options,
+    other_answers,
     padded_json,
     per_event_text,
     percentile,
@@ -386,9 +387,7 @@ class Comparison:
 
 
 def _check_answers(target: Target, result: WrkResult, what: str) -> None:
-    others = {s: n for s, n in result.statuses.items() if s != 200}
-    if others:
-        target.problems.append(f"{what}: answers other than 200: {others}")
+    target.problems += other_answers(what, result.statuses, 200)
     if result.mismatched:
         target.problems.append(f"{what}: {result.mismatched} answers whose body was not the upstream's")
     if result.socket_errors:
