@@ -215,19 +215,25 @@ def measure(args: argparse.Namespace, outcome: Outcome) -> Result:
             h, config(healthy_port, hanging_port), healthy_port, args.log_level, workers=WORKERS
         )
         r = stack.client
+
+        def healthy(name: str, label: str) -> Window:
+            """A measured window of healthy sending, its progress and percentiles on stderr."""
+            print(
+                f"fairness: healthy {label}, {args.rate:g}/s for {args.seconds:g} s...",
+                file=sys.stderr,
+                flush=True,
+            )
+            got = window(name, r, stack.api, stack.upstream_base, body, args)
+            print(f"  p50 / p99 / max ms: {got.text()}", file=sys.stderr, flush=True)
+            return got
+
         try:
             if not _wait_until(lambda: int(cast(int, r.zcard(WORKERS_KEY))) >= WORKERS, 30):
                 outcome.problems.append(f"fairness: fewer than {WORKERS} worker heartbeats within 30 s")
             print(f"fairness: warm-up, {args.rate:g}/s for {args.warmup:g} s...", file=sys.stderr, flush=True)
             warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
             window("warm-up", r, stack.api, stack.upstream_base, body, warm)
-            print(
-                f"fairness: healthy alone, {args.rate:g}/s for {args.seconds:g} s...",
-                file=sys.stderr,
-                flush=True,
-            )
-            alone = window("alone", r, stack.api, stack.upstream_base, body, args)
-            print(f"  p50 / p99 / max ms: {alone.text()}", file=sys.stderr, flush=True)
+            alone = healthy("alone", "alone")
 
             print(f"fairness: {args.backlog} events to {HANGING}...", file=sys.stderr, flush=True)
             started = time.monotonic()
@@ -236,13 +242,7 @@ def measure(args: argparse.Namespace, outcome: Outcome) -> Result:
             filled = _wait_until(lambda: hanging_stats(hanging_base)["active"] >= MAX_IN_FLIGHT, 10)
             filled_s = time.monotonic() - posted if filled else None
 
-            print(
-                f"fairness: healthy beside it, {args.rate:g}/s for {args.seconds:g} s...",
-                file=sys.stderr,
-                flush=True,
-            )
-            beside = window("beside", r, stack.api, stack.upstream_base, body, args)
-            print(f"  p50 / p99 / max ms: {beside.text()}", file=sys.stderr, flush=True)
+            beside = healthy("beside", "beside it")
 
             hanging = hanging_stats(hanging_base)
             raw = cast(dict[bytes, bytes], r.hgetall(f"{KEY_PREFIX}:int:{HANGING}"))
