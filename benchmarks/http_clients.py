@@ -62,28 +62,28 @@ Send = Callable[[], Awaitable[int]]
 ClientFactory = Callable[[str, bytes, int], contextlib.AbstractAsyncContextManager[Send]]
 
 
+def httpx_send(client: httpx.AsyncClient, url: str, body: bytes) -> Send:
+    """One POST of `body` to `url` through an httpx client, whatever its transport."""
+
+    async def send() -> int:
+        response = await client.post(url, content=body, headers=HEADERS)
+        return response.status_code
+
+    return send
+
+
 @contextlib.asynccontextmanager
 async def httpx_default(url: str, body: bytes, concurrency: int) -> AsyncIterator[Send]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-
-        async def send() -> int:
-            response = await client.post(url, content=body, headers=HEADERS)
-            return response.status_code
-
-        yield send
+        yield httpx_send(client, url, body)
 
 
 @contextlib.asynccontextmanager
 async def httpx_aiohttp(url: str, body: bytes, concurrency: int) -> AsyncIterator[Send]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=10) as client:
-
-        async def send() -> int:
-            response = await client.post(url, content=body, headers=HEADERS)
-            return response.status_code
-
-        yield send
+        yield httpx_send(client, url, body)
 
 
 @contextlib.asynccontextmanager
