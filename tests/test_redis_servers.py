@@ -55,13 +55,19 @@ def servers() -> Iterator[list[Server]]:
         server.stop()
 
 
-def delivers(gw: Gateway, upstream: Upstream) -> None:
-    """An event posted to the API reaches the upstream through the worker."""
-    gw.configure(integration_toml("crm", upstream.url)).start()
-    answer = gw.post("/hooks/crm", b'{"ticket":1}')
-    assert answer.status_code == 202, answer.text
-    got = upstream.wait_for(1, timeout=15)
-    assert got[0].webhook_id == answer.json()["id"]
+def delivers(directory: Path, redis_url: str, upstream: Upstream) -> None:
+    """A gateway on `redis_url`, its files in `directory`: an event posted to its API reaches the
+    upstream through its worker. The gateway is stopped after."""
+    gw = Gateway(directory, redis_url)
+    directory.mkdir()
+    try:
+        gw.configure(integration_toml("crm", upstream.url)).start()
+        answer = gw.post("/hooks/crm", b'{"ticket":1}')
+        assert answer.status_code == 202, answer.text
+        got = upstream.wait_for(1, timeout=15)
+        assert got[0].webhook_id == answer.json()["id"]
+    finally:
+        gw.stop()
 
 
 def test_tls_with_a_certificate_of_its_own_and_an_acl_user(
@@ -96,12 +102,7 @@ def test_tls_with_a_certificate_of_its_own_and_an_acl_user(
         str(files / "ca.crt"),
         "gateway",
     )
-    gw = Gateway(tmp_path / "gw", url)
-    (tmp_path / "gw").mkdir()
-    try:
-        delivers(gw, upstream)
-    finally:
-        gw.stop()
+    delivers(tmp_path / "gw", url, upstream)
 
     # A wrong password: the API answers 503 at /readyz, and says why in its log; nothing crashes.
     wrong = Gateway(tmp_path / "wrong", url.replace("s3cret-pw", "nope"))
@@ -144,12 +145,7 @@ def test_sentinel_finds_the_primary(tmp_path: Path, upstream: Upstream, servers:
             timeout=15,
         )
         url = f"redis+sentinel://127.0.0.1:{sentinel_port}/orders/0"
-        gw = Gateway(tmp_path / "gw", url)
-        (tmp_path / "gw").mkdir()
-        try:
-            delivers(gw, upstream)
-        finally:
-            gw.stop()
+        delivers(tmp_path / "gw", url, upstream)
         assert redis.Redis(port=primary_port).keys("gw:ev:*"), "the events are on the primary"
     finally:
         sentinel.terminate()
