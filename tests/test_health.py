@@ -196,13 +196,15 @@ def test_threshold_counts_exactly_across_two_workers_and_a_success_resets(
 
 
 def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_order(
-    gateway: Gateway, upstream: Upstream, rdb: redis.Redis
+    gateway: Gateway, upstream: Upstream, rdb: redis.Redis, request: pytest.FixtureRequest
 ) -> None:
     # A short probe cool-down: a pause by hand must still never be probed. The endpoint fails the
     # first request, then takes 5 ms per request, so a drain batch (10 events at 100/s) is being
     # sent for a while.
     upstream.script([Reply(500), Reply(200, delay_s=0.005)])
-    retry = {"backoff_base_s": 2, "backoff_max_s": 2, "max_attempts": 5}  # a retry 1 to 2 s later
+    # A retry 2 to 4 s later: time for the pause through the CLI (a process start, slow on a busy
+    # machine) before it comes due (at 1 to 2 s, a loaded run sent it first now and then).
+    retry = {"backoff_base_s": 4, "backoff_max_s": 4, "max_attempts": 5}
     setup(
         gateway,
         integration_toml("crm", upstream.url, probe_cooldown_s=0.2, drain_rate_per_s=100, retry=retry),
@@ -220,6 +222,7 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
     assert "paused (operator)" in table.stdout
 
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    request.addfinalizer(conn.close)  # also when an assertion fails first (else a ResourceWarning later)
     held = post_in_order(conn, HELD, "held")
     # The retry comes due while paused: it is held too, in its arrival place (first), not sent.
     wait_until(lambda: event_record(rdb, early)["s"] == "held", timeout=10)

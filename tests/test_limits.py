@@ -112,13 +112,11 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_stores_nothing(
 ) -> None:
     start(gateway)
     before = stored_keys(rdb)
-    silent = connect(gateway)  # says nothing at all
-    half_head = connect(gateway)
-    half_head.sendall(b"POST /hooks/crm HTTP/1.1\r\nhost: gw\r\n")
-    half_body = connect(gateway)
-    half_body.sendall(b'POST /hooks/crm HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{"n":')
-    for sock in (silent, half_head, half_body):
-        with sock:
+    with contextlib.ExitStack() as opened:  # closed also when an assertion fails
+        silent, half_head, half_body = (opened.enter_context(connect(gateway)) for _ in range(3))
+        half_head.sendall(b"POST /hooks/crm HTTP/1.1\r\nhost: gw\r\n")  # silent says nothing at all
+        half_body.sendall(b'POST /hooks/crm HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{"n":')
+        for sock in (silent, half_head, half_body):
             status, body = answer_of(sock)  # the gateway answers and closes after 0.5 s
             assert status == 408 and body["error"] == "request_timeout"
     assert stored_keys(rdb) == before
@@ -134,17 +132,17 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_stores_nothing(
 
 def test_past_the_connection_cap_the_longest_waiting_make_room(gateway: Gateway) -> None:
     start(gateway)
-    idle = [connect(gateway) for _ in range(40)]  # twice the cap, none sending anything
-    time.sleep(0.1)
-    # The helpdesk still gets through, on a new connection.
-    response = httpx.post(gateway.url + "/hooks/crm", content=b"{}", timeout=10)
-    assert response.status_code == 202
-    closed = 0
-    for sock in idle:
-        sock.settimeout(0.05)
-        with contextlib.suppress(TimeoutError):  # still open: recv waits
-            closed += sock.recv(1) == b""
-        sock.close()
+    with contextlib.ExitStack() as opened:
+        idle = [opened.enter_context(connect(gateway)) for _ in range(40)]  # twice the cap, all silent
+        time.sleep(0.1)
+        # The helpdesk still gets through, on a new connection.
+        response = httpx.post(gateway.url + "/hooks/crm", content=b"{}", timeout=10)
+        assert response.status_code == 202
+        closed = 0
+        for sock in idle:
+            sock.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):  # still open: recv waits
+                closed += sock.recv(1) == b""
     assert closed >= 20  # the oldest ones were closed to keep at most 20
     # Counted apart from other refusals, by the reason the issue's metrics already carry.
     wait_until(lambda: 'reason="connection_cap"' in httpx.get(gateway.url + "/metrics", timeout=10).text)

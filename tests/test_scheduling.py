@@ -5,6 +5,7 @@ through a worker's SIGKILL and within a millisecond."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import signal
 import statistics
@@ -173,14 +174,13 @@ def test_ordered_integration_keeps_arrival_order_within_a_millisecond(
     """Events acknowledged one after the other are sent in that order, also those that arrived in
     the same millisecond (their received ms ties; an id's random part must not decide)."""
     gateway.configure(integration_toml("crm", upstream.url, ordered=True)).start_api()
-    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     ids = []
-    for n in range(300):  # each acknowledged before the next is sent, on one kept-alive connection
-        conn.request("POST", "/hooks/crm", body=b"%d" % n)
-        answer = conn.getresponse()
-        assert answer.status == 202
-        ids.append(orjson.loads(answer.read())["id"])
-    conn.close()
+    with contextlib.closing(http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)) as conn:
+        for n in range(300):  # each acknowledged before the next is sent, on one kept-alive connection
+            conn.request("POST", "/hooks/crm", body=b"%d" % n)
+            answer = conn.getresponse()
+            assert answer.status == 202
+            ids.append(orjson.loads(answer.read())["id"])
     gateway.start_worker()  # all of them wait: the worker picks each next one among all the others
     got = upstream.wait_for(300, timeout=30)
     received_ms = [int(float(event_record(rdb, i)["t"])) for i in ids]
