@@ -3,7 +3,7 @@ its baseline measured in the same run and its target.
 
     python3 -m benchmarks [--only PART,PART...] [--quick] [--write]
 
-  PART: ingest, delivery, latency, idle, fairness, drain, proxy, attack, soak, ui, chaos
+  PART: ingest, instructions, delivery, latency, idle, fairness, drain, proxy, attack, soak, ui, chaos
 
 Each part starts what it needs and stops it before the next part starts: its own redis-server on a
 free port (never 127.0.0.1:6379), the real `gateway serve` and `gateway worker` processes, the
@@ -11,6 +11,9 @@ upstream benchmarks/_upstream.py, and its load from another process (wrk, or an 
 this process, separate from the gateway's). The parts, each also runnable alone:
 
   ingest    benchmarks/ingest.py    accepted events/s of `gateway serve` / a bare Starlette app
+  instructions benchmarks/instructions.py
+                                    the API's instructions per accepted request under callgrind /
+                                    the bare app's (repeatable where requests/s drift)
   delivery  benchmarks/delivery.py  delivered events/s of 1 and 2 workers / a plain aiohttp loop;
                                     Redis commands per delivered event
   latency   benchmarks/latency.py   end-to-end p50/p95/p99 at 50, 200 (20 s each) and 1000 events/s
@@ -64,7 +67,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import attack, chaos, delivery, drain, fairness, idle, ingest, latency, proxy, soak, ui
+from benchmarks import (
+    attack,
+    chaos,
+    delivery,
+    drain,
+    fairness,
+    idle,
+    ingest,
+    instructions,
+    latency,
+    proxy,
+    soak,
+    ui,
+)
 from benchmarks._common import BENCHMARKS, Figure, Outcome, format_table, options, run_main
 
 
@@ -78,6 +94,7 @@ class Part:
 
 PARTS: dict[str, Part] = {
     "ingest": Part(ingest.parser, ingest.run, [], ["--rounds", "1", "--seconds", "2", "--warmup", "1"]),
+    "instructions": Part(instructions.parser, instructions.run, [], ["--requests", "200", "--warmup", "50"]),
     "delivery": Part(delivery.parser, delivery.run, ["--events", "30000"], ["--events", "2000"]),
     "latency": Part(
         latency.parser,
