@@ -250,6 +250,9 @@ def test_paused_holds_events_through_a_worker_restart_and_resume_drains_them_in_
     assert (resumed["state"], resumed["consecutive_failures"]) == ("active", 0)
     # New events during the drain: a burst at once, then a trickle (slower than the drain) that
     # goes on until the drain is over, so that some arrive while its last batch is being sent.
+    # Seconds idle since the held events (a worker restart, two CLI calls): the API may have closed
+    # the kept-alive connection (uvicorn's keep-alive timeout, 5 s), so the burst opens a new one.
+    conn.close()
     later = post_in_order(conn, 20, "burst")
     assert upstream.count() < 1 + HELD  # the burst came during the drain
     stop = threading.Event()
