@@ -59,6 +59,7 @@ from benchmarks._common import (
     Figure,
     Harness,
     Outcome,
+    RedisServer,
     WrkResult,
     cpu_seconds,
     free_port,
@@ -276,21 +277,26 @@ def parser() -> argparse.ArgumentParser:
     )
 
 
+def servers(h: Harness) -> tuple[RedisServer, dict[str, str], dict[str, str]]:
+    """A redis-server of the run's own and the environments of the two gateways: credentials
+    sealed (the default) and in clear (`store_credentials = "plain"`)."""
+    server = start_redis(h)
+    config, plain = h.directory / "gateway.toml", h.directory / "plain.toml"
+    config.write_text(CONFIG)
+    plain.write_text(PLAIN)
+    env = gateway_env(server.url, config, "WARNING")
+    return server, env, {**env, "GATEWAY_CONFIG": str(plain)}
+
+
 def run(args: argparse.Namespace) -> Outcome:
     """Rounds of (bare app, gateway) under wrk; prints the table; the figure and checks."""
     with harness("gateway-bench-ingest-") as h:
-        server = start_redis(h)
-        config, plain = h.directory / "gateway.toml", h.directory / "plain.toml"
-        config.write_text(CONFIG)
-        plain.write_text(PLAIN)
-        env = gateway_env(server.url, config, "WARNING")
+        server, env, plain_env = servers(h)
 
         gateway_port, plain_port, hello_port = free_port(), free_port(), free_port()
         serve = [sys.executable, "-m", "gateway", "serve", "--port"]
         gateway = h.spawn("gateway", [*serve, str(gateway_port)], env=env)
-        gateway_plain = h.spawn(
-            "gateway-plain", [*serve, str(plain_port)], env={**env, "GATEWAY_CONFIG": str(plain)}
-        )
+        gateway_plain = h.spawn("gateway-plain", [*serve, str(plain_port)], env=plain_env)
         hello = h.spawn("hello", [*h.python("_hello.py"), "--port", str(hello_port)])
         for name, process, port in (
             ("gateway", gateway, gateway_port),

@@ -47,17 +47,15 @@ from benchmarks._common import (
     Harness,
     Outcome,
     free_port,
-    gateway_env,
     harness,
     options,
     print_table,
     run_main,
-    start_redis,
     state_key,
     wait_http,
     webhook_body,
 )
-from benchmarks.ingest import CONFIG, CREDENTIAL, PLAIN
+from benchmarks.ingest import CREDENTIAL, servers
 
 RATIO = 0.70  # the ingest aim, read here as the bare app's instructions per request over the gateway's
 
@@ -147,16 +145,12 @@ def run(args: argparse.Namespace) -> Outcome:
         outcome.problems.append("valgrind is not installed (Debian package valgrind)")
         return outcome
     with harness("gateway-bench-instructions-") as h:
-        server = start_redis(h)
-        config, plain = h.directory / "gateway.toml", h.directory / "plain.toml"
-        config.write_text(CONFIG)
-        plain.write_text(PLAIN)
-        env = gateway_env(server.url, config, "WARNING")
+        server, env, plain_env = servers(h)
         serve = [sys.executable, "-m", "gateway", "serve"]
         runs = [
             ("hello-world", h.python("_hello.py"), None),
             ("gateway", serve, env),
-            ("gateway-plain", serve, {**env, "GATEWAY_CONFIG": str(plain)}),
+            ("gateway-plain", serve, plain_env),
         ]
         counts: list[Count] = []
         r = server.client()
