@@ -198,11 +198,7 @@ def limited_protocol(
 
         def on_message_begin(self) -> None:
             base.on_message_begin(self)
-            if not self._in_head:  # a later request on this connection: its head counted afresh
-                self._in_head = True
-                self._head_bytes = self._head_lines = 0
-                self._head_tail = b""
-            if self._since is None:  # ... and its own deadline
+            if self._since is None:  # a later request on this connection: its own deadline
                 self._since = self.loop.time()
 
         def on_headers_complete(self) -> None:
@@ -211,7 +207,13 @@ def limited_protocol(
             base.on_headers_complete(self)
 
         def on_message_complete(self) -> None:
-            self._since = None  # received whole: no deadline
+            # Received whole: no deadline, and what comes next is the next request's head, counted
+            # from its first read (a head sent in the same read as the end of this request, which
+            # only pipelining does, is bounded by that read's size instead).
+            self._since = None
+            self._in_head = True
+            self._head_bytes = self._head_lines = 0
+            self._head_tail = b""
             base.on_message_complete(self)
 
     return LimitedHttpToolsProtocol

@@ -94,6 +94,13 @@ def test_oversized_or_too_many_headers_get_431_json_and_store_nothing(
     with connect(gateway) as sock:
         sock.sendall(post(fits))
         assert one_answer(sock).startswith(b"HTTP/1.1 202")
+    # A later request on a kept-alive connection is held to the same limits.
+    with connect(gateway) as sock:
+        sock.sendall(post())
+        assert one_answer(sock).startswith(b"HTTP/1.1 202")
+        sock.sendall(post(b"".join(b"x-h%d: v\r\n" % n for n in range(25))))
+        status, body = answer_of(sock)
+        assert status == 431 and body["error"] == "header_fields_too_large"
     # Requests sent back to back on one connection, bodies larger than the head limit: heads are
     # counted, bodies are not.
     big = post(body=b'{"pad":"' + b"p" * 20000 + b'"}')
