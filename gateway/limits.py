@@ -123,6 +123,10 @@ def limited_protocol(
             # connection's opening for the first request, from its first byte for later ones.
             self._since: float | None = None
             self._refused = False  # answered here: whatever else the client sends is ignored
+            # A request began in the rest of the read that ended the one before (pipelining): the
+            # bytes before the next read were not counted, so its head is checked once parsed.
+            self._uncounted = False
+            self._answer_after = b""  # a refusal's answer, sent after those before it (_refuse)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             base.connection_made(self, transport)
@@ -140,7 +144,13 @@ def limited_protocol(
 
         def on_response_complete(self) -> None:
             base.on_response_complete(self)
-            if not self.transport.is_closing() and not self.pipeline:
+            if self.transport.is_closing():
+                return
+            if self._refused:  # a pipelined request was refused: its answer once those before it are out
+                if self.cycle is not None and self.cycle.response_complete:
+                    self.transport.write(self._answer_after)
+                    self.transport.close()
+            elif not self.pipeline:
                 idle[self] = None  # waits for its next request: at the end of the line
 
         def _make_room(self) -> None:
@@ -160,18 +170,32 @@ def limited_protocol(
             self.transport.close()
 
         def _too_slow(self) -> None:
+            if self._in_head:
+                self._refuse("408", too_slow)
+                return
+            # Its body is late: answered 408 unless the app already answers it or (pipelining)
+            # it waits behind another request's answer; then the connection is only cut.
             self._since = None
             on_refused("408")
             self._refused = True
-            if self._in_head or self.cycle is None or not self.cycle.response_started:
+            if not self.pipeline and not self.cycle.response_started:
                 self.transport.write(too_slow)
             self.transport.close()
 
         def _refuse_head(self) -> None:
-            on_refused("431")
-            self._refused = True
-            self.transport.write(too_large)
-            self._close()
+            self._refuse("431", too_large)
+
+        def _refuse(self, reason: str, answer: bytes) -> None:
+            """Answers a request refused before its head reached the app, and closes: at once, or
+            (pipelining) once the requests before it are answered, not in the midst of that."""
+            on_refused(reason)
+            self._refused = True  # whatever else the client sends is ignored
+            self._since = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._answer_after = answer  # by on_response_complete
+            else:
+                self.transport.write(answer)
+                self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             """Counts the head's bytes and lines before the parser sees them, so a head over the
@@ -179,12 +203,20 @@ def limited_protocol(
             if self._refused:
                 return
             if self._in_head:
+                if self._since is None:  # the first byte of a later request: its deadline begins
+                    self._uncounted = False  # (and the rest of the read before held none of it)
+                    self._since = self.loop.time()
+                counted = data
+                if not self._head_bytes and data[:1] in b"\r\n":
+                    # The parser skips empty lines before a request line: an end of head found
+                    # among them is not this head's (b"\r\n\r\n" then a huge head got through).
+                    counted = data.lstrip(b"\r\n")
                 tail = self._head_tail
-                seen = tail + data if tail else data
+                seen = tail + counted if tail else counted
                 end = seen.find(END_OF_HEAD)
                 if end < 0:
-                    head = self._head_bytes + len(data)
-                    lines = self._head_lines + data.count(b"\n")
+                    head = self._head_bytes + len(counted)
+                    lines = self._head_lines + counted.count(b"\n")
                 else:
                     head = self._head_bytes + end + len(END_OF_HEAD) - len(tail)
                     lines = self._head_lines + seen.count(b"\n", len(tail), end + len(END_OF_HEAD))
@@ -202,16 +234,31 @@ def limited_protocol(
                 self._since = self.loop.time()
 
         def on_headers_complete(self) -> None:
+            if self._refused:
+                return  # a later request in the read that was refused: not for the app
+            if self._uncounted:
+                self._uncounted = False
+                # The request line ("METHOD url HTTP/1.1\r\n"), the fields and the empty line.
+                size = len(self.parser.get_method()) + len(self.url) + 14
+                size += sum(len(name) + len(value) + 4 for name, value in self.headers)
+                if size > limits.max_header_bytes or len(self.headers) > limits.max_header_count:
+                    self._refuse_head()
+                    return
             idle.pop(self, None)  # its request goes to the app: never closed to make room
             self._in_head = False
             base.on_headers_complete(self)
 
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:  # a refused pipelined request's body is not the one before it's
+                base.on_body(self, body)
+
         def on_message_complete(self) -> None:
             # Received whole: no deadline, and what comes next is the next request's head, counted
-            # from its first read (a head sent in the same read as the end of this request, which
-            # only pipelining does, is bounded by that read's size instead).
+            # from its next read; a head begun in the rest of this read (only pipelining sends one)
+            # is parsed uncounted, bounded by the read's size, and checked in on_headers_complete.
             self._since = None
             self._in_head = True
+            self._uncounted = True
             self._head_bytes = self._head_lines = 0
             self._head_tail = b""
             base.on_message_complete(self)

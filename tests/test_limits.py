@@ -19,6 +19,7 @@ import redis
 
 from gateway.limits import Limits, connection_cap
 from tests.conftest import Gateway, integration_toml, stored_keys, wait_until
+from tests.upstream import Reply, Upstream
 
 LIMITS = "max_header_bytes = 4096\nmax_header_count = 20\nread_timeout_s = 0.5\nmax_connections = 20\n"
 
@@ -101,6 +102,21 @@ def test_oversized_or_too_many_headers_get_431_json_and_store_nothing(
         sock.sendall(post(b"".join(b"x-h%d: v\r\n" % n for n in range(25))))
         status, body = answer_of(sock)
         assert status == 431 and body["error"] == "header_fields_too_large"
+    # A request pipelined in the same write as the one before it, or after empty lines (which the
+    # parser skips), is held to the same limits: both got through the rewrite's count.
+    many = b"".join(b"x-h%d: v\r\n" % n for n in range(25))
+    for sent in (
+        post() + post(many, body=b'{"late":1}'),
+        b"\r\n\r\n" + post(b"x-big: " + b"d" * 5000 + b"\r\n"),
+    ):
+        with connect(gateway) as sock:
+            sock.sendall(sent)
+            answers = b""
+            while chunk := sock.recv(65536):
+                answers += chunk
+        # The answer to the request before it goes first, then the 431, and the connection closes.
+        assert answers.count(b"HTTP/1.1 ") == sent.count(b"POST "), answers
+        assert answers.split(b"HTTP/1.1 ")[-1].startswith(b"431 ") and answers.count(b"HTTP/1.1 431") == 1
     # Requests sent back to back on one connection, bodies larger than the head limit: heads are
     # counted, bodies are not.
     big = post(body=b'{"pad":"' + b"p" * 20000 + b'"}')
@@ -115,9 +131,10 @@ def test_oversized_or_too_many_headers_get_431_json_and_store_nothing(
 
 
 def test_a_request_that_does_not_arrive_in_time_gets_408_and_stores_nothing(
-    gateway: Gateway, rdb: redis.Redis
+    gateway: Gateway, rdb: redis.Redis, upstream: Upstream
 ) -> None:
-    start(gateway)
+    crm = integration_toml("crm", "http://127.0.0.1:9/")
+    gateway.configure(crm, integration_toml("slow", upstream.url, mode="proxy"), gateway=LIMITS).start_api()
     before = stored_keys(rdb)
     with contextlib.ExitStack() as opened:  # closed also when an assertion fails
         silent, half_head, half_body = (opened.enter_context(connect(gateway)) for _ in range(3))
@@ -135,6 +152,25 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_stores_nothing(
         time.sleep(0.3)
         sock.sendall(post())  # 0.8 s after the connection opened: in time, as it is its own
         assert one_answer(sock).startswith(b"HTTP/1.1 202")
+        # Empty lines, which the parser skips, are a request's first bytes too: sent one at a
+        # time they held the connection for good (each also put off uvicorn's keep-alive timeout).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(20):
+                sock.sendall(b"\r\n")
+                time.sleep(0.1)
+        status, body = answer_of(sock)
+        assert status == 408 and body["error"] == "request_timeout"
+
+    # A request whose answer takes longer than the deadline (the upstream answers after 1 s) is
+    # not cut once it has arrived whole; a late request pipelined behind it gets its 408 after
+    # that answer, not in its place.
+    upstream.script([Reply(200, body=b'{"ok":1}', delay_s=1.0)])
+    with connect(gateway) as sock:
+        sock.sendall(b"GET /hooks/slow/a HTTP/1.1\r\nhost: gw\r\n\r\nPOST /hooks/crm HTTP/1.1\r\n")
+        answers = b""
+        while chunk := sock.recv(65536):
+            answers += chunk
+    assert answers.startswith(b"HTTP/1.1 200 ") and b'{"ok":1}HTTP/1.1 408 ' in answers, answers
 
 
 def test_past_the_connection_cap_the_longest_waiting_make_room(gateway: Gateway) -> None:
