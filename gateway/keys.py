@@ -408,14 +408,17 @@ end
 local function tally(counts, field, n)
   counts[field] = (counts[field] or 0) + (n or 1)
 end
+-- Returns true when an integer increment made a new field (it returned itself).
 local function tally_write(key, counts, float)
+  local new_field = false
   for field, n in pairs(counts) do
     if float then
       redis.call('HINCRBYFLOAT', key, field, string.format('%.6f', n))
-    else
-      redis.call('HINCRBY', key, field, n)
+    elseif redis.call('HINCRBY', key, field, n) == n then
+      new_field = true
     end
   end
+  return new_field
 end
 -- The dashboard's per-minute figures of a batch (see P:mm), in this minute's hash, kept two hours.
 -- The expiry is set when a field is new (an increment that returns itself): always when the hash
@@ -423,11 +426,7 @@ end
 local function per_minute(now, counts)
   if next(counts) == nil then return end
   local key = minute_key(string.format('%d', math.floor(now / 60000)))
-  local new_field = false
-  for field, n in pairs(counts) do
-    if redis.call('HINCRBY', key, field, n) == n then new_field = true end
-  end
-  if new_field then redis.call('EXPIRE', key, MINUTES_KEPT_S) end
+  if tally_write(key, counts) then redis.call('EXPIRE', key, MINUTES_KEPT_S) end
 end
 -- An attempt that called the endpoint, counted for the charts: delivered or failed, by latency
 -- bucket (one field, so one HINCRBY per batch and field).
