@@ -125,7 +125,6 @@ class AtRest:
     and a nonce is never reused for a different value, which is what AES-GCM forbids."""
 
     def __init__(self, sealer: Sealer | None, names: frozenset[str]) -> None:
-        self._sealer = sealer
         self._names = names
         self._seal = functools.lru_cache(maxsize=SEALED_KEPT)(sealer.seal) if sealer else None
 
